@@ -1,0 +1,143 @@
+"""Canonical form: reconstruction, GL(r) invariance, masking and sign-rule stability (DESIGN §2)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from w2t.canonical import canonicalize, sign_margin
+
+F64 = torch.float64
+
+
+def factors(m=40, n=30, r=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, n, generator=g, dtype=dtype), torch.randn(m, r, generator=g, dtype=dtype)
+
+
+def random_gl(r: int, cond: float, seed: int) -> torch.Tensor:
+    """A random G ∈ GL(r) with condition number exactly `cond`."""
+    g = torch.Generator().manual_seed(seed)
+    Q1, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=F64))
+    Q2, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=F64))
+    s = torch.logspace(0, -math.log10(cond), r, dtype=F64)
+    return Q1 @ torch.diag(s) @ Q2
+
+
+def same_tokens(f1, f2, atol):
+    assert torch.equal(f1.mask, f2.mask)
+    for a, b in ((f1.U, f2.U), (f1.S, f2.S), (f1.V, f2.V)):
+        assert (a - b).abs().max().item() < atol
+
+
+def test_reconstruction_float64():
+    A, B = factors()
+    form = canonicalize(A, B, 0.7)
+    ref = 0.7 * B @ A
+    rel = (form.delta() - ref).norm() / ref.norm()
+    assert rel < 1e-10
+    assert form.U.shape == (40, 6) and form.V.shape == (30, 6) and form.S.shape == (6,)
+    assert torch.all(form.S[:-1] >= form.S[1:]), "singular values must descend"
+    eye = torch.eye(6, dtype=F64)
+    assert torch.allclose(form.U.T @ form.U, eye, atol=1e-12)
+    assert torch.allclose(form.V.T @ form.V, eye, atol=1e-12)
+
+
+@pytest.mark.parametrize("cond", [1.0, 10.0, 1e2, 1e4])
+def test_gl_invariance(cond):
+    A, B = factors(seed=1)
+    G = random_gl(6, cond, seed=int(cond))
+    ref = canonicalize(A, B, 1.3)
+    rep = canonicalize(torch.linalg.solve(G, A), B @ G, 1.3)
+    same_tokens(ref, rep, 1e-8)
+
+
+def test_rank_permutation_and_scale_tradeoff():
+    A, B = factors(seed=2)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    ref = canonicalize(A, B, 0.5)
+    same_tokens(ref, canonicalize(A[perm], B[:, perm], 0.5), 1e-10)
+    # alpha ×2 with B ×½: same ΔW, same tokens
+    same_tokens(ref, canonicalize(A, B * 0.5, 1.0), 1e-10)
+
+
+def test_sensitivity_different_update_changes_tokens():
+    A, B = factors(seed=3)
+    ref = canonicalize(A, B, 1.0)
+    A2 = A.clone()
+    A2[0, 0] += 0.1
+    other = canonicalize(A2, B, 1.0)
+    assert (ref.U - other.U).abs().max() > 1e-4
+    assert (ref.S - canonicalize(A, B, 1.1).S).abs().max() > 1e-4
+
+
+def test_batched_equals_one_by_one():
+    As, Bs = zip(*(factors(seed=s) for s in range(5)))
+    A, B = torch.stack(As), torch.stack(Bs)
+    scale = torch.tensor([0.5, 1.0, 2.0, 0.1, 3.0], dtype=F64)
+    batch = canonicalize(A, B, scale)
+    assert batch.U.shape == (5, 40, 6)
+    for k in range(5):
+        one = canonicalize(As[k], Bs[k], float(scale[k]))
+        same_tokens(one, type(one)(batch.U[k], batch.S[k], batch.V[k], batch.mask[k]), 1e-12)
+
+
+def test_zero_b_masks_everything():
+    A, B = factors(seed=4)
+    form = canonicalize(A, torch.zeros_like(B), 1.0)
+    assert not form.mask.any()
+    assert form.U.abs().max() == 0 and form.V.abs().max() == 0 and form.S.abs().max() == 0
+
+
+def test_rank_deficient_components_masked():
+    A, B = factors(seed=5)
+    B[:, 4] = B[:, 0] * 2.0  # column 4 duplicates column 0: rank 5
+    B[:, 5] = 0.0  # and column 5 is dead: rank 4
+    form = canonicalize(A, B, 1.0)
+    assert form.mask.tolist() == [True] * 4 + [False] * 2
+    assert form.S[4:].abs().max() == 0
+    rel = (form.delta() - B @ A).norm() / (B @ A).norm()
+    assert rel < 1e-10
+
+
+def test_float32_input_tolerance():
+    """Factors stored in float32 canonicalize in float64; a float32 reparametrization differs by ~1e-6."""
+    A, B = factors(seed=6)
+    G = random_gl(6, 10.0, seed=6)
+    A32, B32 = torch.linalg.solve(G, A).float(), (B @ G).float()
+    ref = canonicalize(A, B, 1.0)
+    rep = canonicalize(A32, B32, 1.0)
+    same_tokens(ref, rep, 1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), r=st.integers(1, 8), eps_seed=st.integers(0, 10_000))
+def test_sign_rule_stable_under_tiny_perturbation(seed, r, eps_seed):
+    A, B = factors(m=24, n=16, r=r, seed=seed)
+    form = canonicalize(A, B, 1.0)
+    g = torch.Generator().manual_seed(eps_seed)
+    A2 = A * (1 + 1e-7 * torch.randn(A.shape, generator=g, dtype=F64))
+    B2 = B * (1 + 1e-7 * torch.randn(B.shape, generator=g, dtype=F64))
+    form2 = canonicalize(A2, B2, 1.0)
+    # Singular vectors themselves move by ε/gap; only compare well-separated components.
+    S = form.S
+    gaps = torch.cat([S[:-1] - S[1:], S[-1:]])
+    gaps = torch.minimum(gaps, torch.cat([S[:1], S[:-1] - S[1:]])) / S[0]
+    decided = (sign_margin(form) > 1e-6) & (gaps > 1e-3)
+    cos = (form.U * form2.U).sum(0)
+    assert torch.all(cos[decided] > 0.99), "a decided sign flipped under a 1e-7 perturbation"
+
+
+def test_sign_rule_is_a_real_rule():
+    """Sensitivity: without the rule, a flipped factorization gives flipped tokens."""
+    A, B = factors(seed=7)
+    D = torch.diag(torch.tensor([-1.0, 1, -1, 1, 1, -1], dtype=F64))
+    ref = canonicalize(A, B, 1.0)
+    flipped = canonicalize(D @ A, B @ D, 1.0)
+    same_tokens(ref, flipped, 1e-10)
+    assert torch.all(sign_margin(ref) >= 0)
+    d = (ref.U.pow(3).sum(0) + ref.V.pow(3).sum(0))
+    assert torch.all(d >= 0)

@@ -1,0 +1,14 @@
+"""Train a W2T model on a LoRA collection: python train.py experiment=classification|performance|retrieval"""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from w2t.run import train  # imported here so `--help` and `--cfg job` stay fast
+
+    return train(cfg)  # the monitored metric, for hyperparameter sweepers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""On-disk token cache: every adapter is read and canonicalized once (DESIGN §6).
+
+One safetensors file per adapter, named by a hash of the adapter's files, the canonicalization
+version and its options, so a changed file or a new canonicalization is rebuilt and nothing else is.
+Entries are written to a temporary file and renamed into place: an interrupted build leaves no
+corrupt entry and a rerun resumes where it stopped. Adapters that fail to read are cached as an
+`.error.json` entry (and listed in a report file), so a rerun canonicalizes nothing at all.
+safetensors shards were chosen over a `datasets` Arrow table because an entry is written by the
+worker that made it (no single writer) and reads back memory-mapped without conversion.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from w2t.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule, canonicalize_adapter
+from w2t.errors import W2TError
+from w2t.formats import load_adapter
+from w2t.progress import progress
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WEIGHT_SUFFIXES = {".safetensors", ".json", ".bin", ".pt", ".pth"}
+PARALLEL_MIN = 256  # below this many pending adapters, worker start-up costs more than it saves
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    dtype: str = "float32"
+    rtol: float = DEFAULT_RTOL
+    sign_rule: bool = True
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def tag(self) -> str:
+        opts = json.dumps(asdict(self), sort_keys=True)
+        return f"v{CANON_VERSION}-{hashlib.sha256(opts.encode()).hexdigest()[:10]}"
+
+
+@dataclass
+class BuildReport:
+    built: int = 0
+    reused: int = 0
+    failed: list[dict] = field(default_factory=list)  # {"adapter_id", "path", "error"}
+    entries: dict[str, Path] = field(default_factory=dict)  # adapter_id -> entry file
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 over an adapter file, or over the weight/config files of an adapter folder."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_entry(target: Path, modules: list[CanonicalModule], dtype: torch.dtype) -> None:
+    tensors, meta = {}, []
+    for i, m in enumerate(modules):
+        tensors[f"{i}.U"] = m.U.to(dtype).contiguous()
+        tensors[f"{i}.S"] = m.S.to(dtype).contiguous()
+        tensors[f"{i}.V"] = m.V.to(dtype).contiguous()
+        tensors[f"{i}.mask"] = m.mask.contiguous()
+        meta.append([m.module_type, m.layer])
+    _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={"modules": json.dumps(meta)}))
+
+
+def load_entry(path: str | Path) -> list[CanonicalModule]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["modules"])
+    t = load_file(str(path))
+    return [CanonicalModule(typ, layer, t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"], t[f"{i}.mask"]) for i, (typ, layer) in enumerate(meta)]
+
+
+def _build_one(args: tuple[str, str, str, CacheOptions]) -> tuple[str, str | None]:
+    """Worker: read + canonicalize one adapter into its entry; returns (adapter_id, error)."""
+    adapter_id, src, target, opts = args
+    try:
+        adapter = load_adapter(src, allow_pickle=opts.allow_pickle)
+        modules = canonicalize_adapter(adapter, rtol=opts.rtol, sign_rule=opts.sign_rule)
+        save_entry(Path(target), modules, DTYPES[opts.dtype])
+        return adapter_id, None
+    except W2TError as e:
+        return adapter_id, f"{type(e).__name__}: {e}"
+
+
+class TokenCache:
+    """Content-addressed canonical tokens under `root/<version tag>/`."""
+
+    def __init__(self, root: str | Path, options: CacheOptions | None = None):
+        self.options = options or CacheOptions()
+        self.dir = Path(root) / self.options.tag
+
+    def entry_path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def build(self, items: list[tuple[str, str | Path]], *, workers: int | None = None, strict: bool = False,
+              report_name: str = "report") -> BuildReport:
+        """Make sure every (adapter_id, path) has an entry; returns what was built, reused and failed.
+
+        `strict` raises the first failure instead of skipping it.
+        """
+        report = BuildReport()
+        pending: list[tuple[str, str, str, CacheOptions]] = []
+        targets: dict[str, Path] = {}
+        for adapter_id, src in progress(items, "hashing adapters"):
+            if not Path(src).exists():
+                report.failed.append({"adapter_id": adapter_id, "path": str(src), "error": f"AdapterNotFoundError: {src}: no such file or folder"})
+                continue
+            target = self.entry_path(content_hash(src))
+            targets[adapter_id] = target
+            error_file = target.with_suffix(".error.json")
+            if target.exists():
+                report.reused += 1
+                report.entries[adapter_id] = target
+            elif error_file.exists():
+                report.reused += 1
+                report.failed.append({"adapter_id": adapter_id, "path": str(src), **json.loads(error_file.read_text())})
+            else:
+                pending.append((adapter_id, str(src), str(target), self.options))
+        if strict and report.failed:
+            raise W2TError(report.failed[0]["error"], path=report.failed[0]["path"])
+
+        workers = workers if workers is not None else (os.cpu_count() or 1)
+        if workers > 1 and len(pending) >= PARALLEL_MIN:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+            results = pool.map(_build_one, pending, chunksize=8)
+        else:
+            pool, results = None, map(_build_one, pending)
+        try:
+            by_id = {p[0]: p for p in pending}
+            for adapter_id, error in progress(results, "canonicalizing adapters", total=len(pending)):
+                src, target = by_id[adapter_id][1], Path(by_id[adapter_id][2])
+                if error is None:
+                    report.built += 1
+                    report.entries[adapter_id] = target
+                    continue
+                if strict:
+                    raise W2TError(error, path=src)
+                log.warning("skipping bad adapter %s", error)
+                report.failed.append({"adapter_id": adapter_id, "path": src, "error": error})
+                _atomic_write(target.with_suffix(".error.json"), lambda tmp, e=error: Path(tmp).write_text(json.dumps({"error": e})))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        _atomic_write(self.dir / f"{report_name}.json", lambda tmp: Path(tmp).write_text(json.dumps(
+            {"built": report.built, "reused": report.reused, "failed": report.failed}, indent=1)))
+        return report

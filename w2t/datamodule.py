@@ -1,0 +1,218 @@
+"""Lightning DataModule over a collection (DESIGN §4) and its token cache.
+
+`setup` reads the metadata, canonicalizes what the cache lacks, splits (manifest into the run
+directory), fixes the token schema and encodes the label columns. Batches are grouped by module
+type: `batch["tokens"][group]` holds (B, L, R, ·) tensors with ranks padded and missing modules masked.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from w2t.cache import CacheOptions, TokenCache, load_entry
+from w2t.collection import ensure_collection, read_metadata
+from w2t.errors import CollectionError
+from w2t.splits import make_splits, write_manifest
+from w2t.tokens import TokenSchema, Tokens, collate_tokens, tokenize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataInfo:
+    """What a task head needs to know about the labels; plain types so checkpoints stay loadable."""
+
+    schema: dict
+    classes: list[str] = field(default_factory=list)  # multi-class label values
+    label_columns: list[str] = field(default_factory=list)  # multi-label columns
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    num_groups: int = 0
+
+
+class TokenDataset(Dataset):
+    def __init__(self, dm: "AdapterDataModule", rows: np.ndarray, flags: dict[str, np.ndarray]):
+        self.dm, self.rows, self.flags = dm, rows, flags
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rows[i])
+        item = {"tokens": self.dm.tokens(row), "index": row}
+        for k, v in self.dm.targets.items():
+            item[k] = v[row]
+        for k, v in self.flags.items():
+            item[k] = bool(v[i])
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    out = {"tokens": collate_tokens([it.pop("tokens") for it in items])}
+    for k in items[0]:
+        out[k] = torch.as_tensor(np.stack([it[k] for it in items]))
+    return out
+
+
+class AdapterDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str | None = None,
+        collection: str = "digits",
+        data_dir: str = "data",
+        label_column: str | None = None,
+        label_columns: list[str] | None = None,
+        target_column: str | None = None,
+        group_column: str | None = None,
+        role_column: str | None = None,
+        split_column: str | None = None,
+        split: str = "random",
+        val_frac: float = 0.15,
+        test_frac: float = 0.15,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        cache_dtype: str = "float32",
+        sign_rule: bool = True,
+        strict: bool = False,
+        allow_pickle: bool = False,
+        cache_workers: int | None = None,
+        eval_gallery: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        output_dir: str | None = None,
+        schema: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.hp = self.hparams
+        self._tokens: dict[int, Tokens] = {}
+
+    # ---- setup -------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._root()  # builds the default collection once, on one process
+
+    def _root(self) -> Path:
+        if self.hp.root:
+            return Path(self.hp.root)
+        return ensure_collection(self.hp.collection, self.hp.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "table"):
+            return
+        hp = self.hp
+        root = self._root()
+        table = read_metadata(root)
+        cache = TokenCache(hp.cache_dir or Path(hp.data_dir) / "cache",
+                           CacheOptions(dtype=hp.cache_dtype, sign_rule=hp.sign_rule, allow_pickle=hp.allow_pickle))
+        report = cache.build(list(zip(table["adapter_id"].astype(str), table["abs_path"])), workers=hp.cache_workers,
+                             strict=hp.strict)
+        self.cache_report = report
+        if report.failed:
+            log.warning("%d bad adapters skipped (listed in %s)", len(report.failed), cache.dir)
+        table = table[table["adapter_id"].astype(str).isin(report.entries)].reset_index(drop=True)
+        self.entries = [report.entries[a] for a in table["adapter_id"].astype(str)]
+        self.table = table
+        self._check_columns()
+
+        self.splits = make_splits(table, method=hp.split, val_frac=hp.val_frac, test_frac=hp.test_frac, seed=hp.seed,
+                                  stratify_column=hp.label_column, group_column=hp.group_column,
+                                  split_column=hp.split_column)
+        if hp.output_dir:
+            write_manifest(self.splits, Path(hp.output_dir) / "splits.json", method=hp.split, seed=hp.seed,
+                           root=str(root), group_column=hp.group_column)
+            if report.failed:
+                (Path(hp.output_dir) / "bad_adapters.json").write_text(json.dumps(report.failed, indent=1))
+        pos = {a: i for i, a in enumerate(table["adapter_id"].astype(str))}
+        self.split_rows = {s: np.array([pos[a] for a in ids], dtype=np.int64) for s, ids in self.splits.items()}
+        if len(self.split_rows["train"]) == 0:
+            raise CollectionError("the training split is empty", path=root)
+
+        if hp.schema is not None:
+            self.schema = TokenSchema.from_dict(hp.schema)
+        else:
+            self.schema = TokenSchema.from_modules(m for e in self.entries for m in load_entry(e))
+        self.targets, self.info = self._encode_targets()
+
+    def _check_columns(self) -> None:
+        hp = self.hp
+        for col in [hp.label_column, hp.target_column, hp.group_column, hp.role_column, *(hp.label_columns or [])]:
+            if col and col not in self.table:
+                raise CollectionError(f"column '{col}' is not in the metadata (columns: {list(self.table.columns)})",
+                                      path=self._root())
+
+    def _encode_targets(self) -> tuple[dict[str, np.ndarray], DataInfo]:
+        hp, t = self.hp, self.table
+        targets: dict[str, np.ndarray] = {}
+        info = DataInfo(schema=self.schema.to_dict())
+        if hp.label_column:
+            info.classes = sorted(t[hp.label_column].astype(str).unique().tolist())
+            targets["label"] = t[hp.label_column].astype(str).map({c: i for i, c in enumerate(info.classes)}).to_numpy(np.int64)
+        if hp.label_columns:
+            info.label_columns = list(hp.label_columns)
+            targets["labels"] = t[info.label_columns].to_numpy(np.float32)
+        if hp.target_column:
+            y = pd.to_numeric(t[hp.target_column], errors="coerce").to_numpy(np.float64)
+            if np.isnan(y).any():
+                raise CollectionError(f"target_column '{hp.target_column}' has non-numeric or missing values")
+            train = y[self.split_rows["train"]]
+            info.target_mean, info.target_std = float(train.mean()), float(train.std() or 1.0)
+            targets["target"] = y.astype(np.float32)
+        if hp.group_column:
+            groups = sorted(t[hp.group_column].astype(str).unique().tolist())
+            info.num_groups = len(groups)
+            targets["group"] = t[hp.group_column].astype(str).map({g: i for i, g in enumerate(groups)}).to_numpy(np.int64)
+        return targets, info
+
+    # ---- items -------------------------------------------------------------------------------
+    def tokens(self, row: int) -> Tokens:
+        if row not in self._tokens:
+            toks, _ = tokenize(load_entry(self.entries[row]), self.schema, strict=False)
+            self._tokens[row] = toks
+        return self._tokens[row]
+
+    def _role(self) -> np.ndarray | None:
+        if not self.hp.role_column:
+            return None
+        return self.table[self.hp.role_column].astype(str).str.lower().to_numpy()
+
+    def dataset(self, split: str) -> TokenDataset:
+        """Training: the split. Evaluation with a gallery: the split plus every gallery adapter (DESIGN §5)."""
+        rows = self.split_rows[split]
+        n = len(self.table)
+        in_split = np.zeros(n, bool)
+        in_split[rows] = True
+        role = self._role()
+        in_gallery = np.ones(n, bool) if role is None else role == "gallery"
+        is_query = in_split.copy() if role is None else in_split & (role == "query")
+        if split != "train" and self.hp.eval_gallery:
+            rows = np.flatnonzero(in_split | in_gallery)
+        flags = {"in_split": in_split[rows], "in_gallery": in_gallery[rows], "is_query": is_query[rows]}
+        return TokenDataset(self, rows, flags)
+
+    def whole_split(self, split: str) -> dict:
+        """Every item of a split (with its gallery, as evaluated) collated into one batch."""
+        ds = self.dataset(split)
+        return collate([ds[i] for i in range(len(ds))])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=self.hp.batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.hp.num_workers, pin_memory=self.hp.pin_memory,
+                          persistent_workers=self.hp.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

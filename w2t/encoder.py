@@ -1,0 +1,123 @@
+"""The W2T encoder (DESIGN §3): canonical rank tokens → module tokens → one adapter embedding.
+
+Built to learn from a few hundred adapters: every parameter is shared across layers (one u- and
+one v-projection per module *type*, never per position), and each module token also carries a
+learned bilinear sketch Σᵢ σᵢ (Pᵤuᵢ) ⊙ (Pᵥvᵢ) = diag(Pᵤ ΔW Pᵥᵀ), a linear read-out of ΔW that is
+invariant to every factorization, sign and rank order by construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from w2t.tokens import TokenSchema, Tokens
+
+
+@dataclass
+class EncoderConfig:
+    d_model: int = 64
+    n_heads: int = 4
+    depth: int = 2  # module-level Transformer layers
+    rank_encoder: bool = True  # one attention layer across the ranks of each module
+    log_sigma: bool = True  # σ enters as log-scaled features (absolute update size is informative)
+    sign_invariant: bool = False  # drop sign-carrying features (use when the sign rule is off)
+    dropout: float = 0.1
+    component_dropout: float = 0.0  # training-time masking of whole rank components
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+
+def _signed_log(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+class SigmaFeatures(nn.Module):
+    """log σ expanded on a few fixed frequencies, so the encoder sees scale over many decades."""
+
+    def __init__(self, d: int, n_freq: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(-2, 0.5, n_freq), persistent=False)
+        self.proj = nn.Linear(2 * n_freq + 1, d)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (..., R) -> (..., R, d)
+        ls = torch.log(s.clamp_min(1e-12)).unsqueeze(-1)
+        x = ls * self.freqs
+        return self.proj(torch.cat([torch.sin(x), torch.cos(x), ls / 10], -1))
+
+
+class W2TEncoder(nn.Module):
+    def __init__(self, schema: TokenSchema, config: EncoderConfig | None = None):
+        super().__init__()
+        self.schema = schema
+        self.config = cfg = config or EncoderConfig()
+        d = cfg.d_model
+        self.names = [g.name for g in schema.groups]
+        self.proj_u = nn.ModuleList(nn.Linear(g.m, d, bias=False) for g in schema.groups)
+        self.proj_v = nn.ModuleList(nn.Linear(g.n, d, bias=False) for g in schema.groups)
+        self.sigma = SigmaFeatures(d) if cfg.log_sigma else None
+        n_in = d if cfg.sign_invariant else 3 * d
+        self.rank_in = nn.Sequential(nn.Linear(n_in, d), nn.GELU(), nn.Linear(d, d))
+        self.rank_layer = (
+            nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
+            if cfg.rank_encoder else None
+        )
+        self.sketch_in = nn.Linear(d, d)
+        self.type_emb = nn.Embedding(len(schema.groups), d)
+        self.layer_emb = nn.Embedding(schema.max_layer + 1, d)
+        for i, g in enumerate(schema.groups):
+            self.register_buffer(f"layers_{i}", torch.tensor(g.layers), persistent=False)
+        self.module_norm = nn.LayerNorm(d)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
+        self.modules_tf = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(d)
+
+    @property
+    def dim(self) -> int:
+        return self.config.d_model
+
+    def _module_tokens(self, i: int, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of group i: (B, L, d) module tokens and (B, L) presence mask."""
+        cfg = self.config
+        u, v, s, mask = t["u"], t["v"], t["s"], t["mask"]  # (B,L,R,m) (B,L,R,n) (B,L,R) (B,L,R)
+        if self.training and cfg.component_dropout > 0:
+            mask = mask & (torch.rand_like(s) >= cfg.component_dropout)
+        B, L, R = s.shape
+        a = self.proj_u[i](u)  # (B, L, R, d)
+        b = self.proj_v[i](v)  # (B, L, R, d)
+        ab = a * b  # unchanged by the joint flip (u, v) -> (-u, -v)
+        x = self.rank_in(ab if cfg.sign_invariant else torch.cat([a, b, ab], -1))
+        if self.sigma is not None:
+            x = x + self.sigma(s)
+        x = x.reshape(B * L, R, -1)
+        m = mask.reshape(B * L, R)
+        present = m.any(-1)  # (B*L,)
+        if self.rank_layer is not None:
+            # fully masked rows would give NaN attention; let them attend to themselves, then zero them
+            x = self.rank_layer(x, src_key_padding_mask=~(m | ~present[:, None]))
+        w = m.unsqueeze(-1).to(x.dtype)
+        pooled = (x * w).sum(1) / w.sum(1).clamp_min(1)  # (B*L, d)
+        sketch = _signed_log((ab * (s * mask).unsqueeze(-1)).sum(2))  # (B, L, d)
+        tok = self.module_norm(pooled.reshape(B, L, -1) + self.sketch_in(sketch))
+        tok = tok + self.type_emb.weight[i] + self.layer_emb(getattr(self, f"layers_{i}"))
+        return tok * present.reshape(B, L, 1), present.reshape(B, L)
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        """Adapter embeddings (B, d_model)."""
+        toks, present = zip(*(self._module_tokens(i, tokens[name]) for i, name in enumerate(self.names)))
+        x = torch.cat(toks, 1)  # (B, M, d) over all module positions
+        p = torch.cat(present, 1)  # (B, M)
+        none = ~p.any(1, keepdim=True)  # adapters with no module at all (all-zero B): keep attention finite
+        x = self.modules_tf(x, src_key_padding_mask=~(p | none))
+        w = p.unsqueeze(-1).to(x.dtype)
+        return self.out_norm((x * w).sum(1) / w.sum(1).clamp_min(1))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def config_dict(self) -> dict:
+        return {"encoder": asdict(self.config), "schema": self.schema.to_dict()}

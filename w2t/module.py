@@ -1,0 +1,98 @@
+"""The LightningModule: one encoder, one task head, whole-split evaluation.
+
+Hyperparameters are plain dicts and numbers (`save_hyperparameters`), so checkpoints rebuild the
+model anywhere and load with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+
+from w2t.datamodule import DataInfo
+from w2t.encoder import EncoderConfig, W2TEncoder
+from w2t.tasks import TASKS
+from w2t.tokens import TokenSchema
+
+
+class AdapterModel(L.LightningModule):
+    def __init__(
+        self,
+        task: str,
+        info: dict,
+        encoder: dict | None = None,
+        head: dict | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_frac: float = 0.05,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+        self.encoder = W2TEncoder(TokenSchema.from_dict(info["schema"]), EncoderConfig(**(encoder or {})))
+        self.task = TASKS[task](self.encoder.dim, DataInfo(**info), **(head or {}))
+        self._eval: list[dict] = []
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return self.task.monitor, self.task.mode
+
+    def forward(self, tokens) -> torch.Tensor:
+        return self.task.outputs(self.encoder(tokens))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.task.loss(self.encoder(batch["tokens"]), batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["index"]))
+        return loss
+
+    # whole-split evaluation: keep every output, score once at epoch end ------------------------
+    def _eval_step(self, batch):
+        out = self(batch["tokens"])
+        self._eval.append({"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}})
+
+    def _eval_end(self, stage: str):
+        if not self._eval:
+            return
+        cat = {k: torch.cat([e[k] for e in self._eval]) for k in self._eval[0]}
+        self._eval.clear()
+        if self.trainer.world_size > 1:  # gather across ranks, then drop the sampler's padding duplicates
+            cat = {k: v.flatten(0, 1) for k, v in self.all_gather(cat).items()}
+            first = np.unique(cat["index"].cpu().numpy(), return_index=True)[1]
+            keep = torch.as_tensor(first, device=cat["index"].device)
+            cat = {k: v[keep] for k, v in cat.items()}
+        metrics = self.task.evaluate(cat["out"], cat)
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, prog_bar=stage == "val", sync_dist=False)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch["tokens"])
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2 or "emb" in n]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warm = max(1, int(self.hparams.warmup_frac * total))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

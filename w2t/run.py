@@ -1,0 +1,125 @@
+"""The one place that turns a Hydra config into objects (`instantiate`) and runs fit → test → report."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from w2t.baselines import linear_baseline, raw_features, sketch_features
+from w2t.datamodule import AdapterDataModule
+from w2t.formats import load_adapter
+from w2t.module import AdapterModel
+from w2t.report import print_results, save_plots
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig, eval_gallery: bool) -> AdapterDataModule:
+    dm = instantiate(cfg.data, output_dir=cfg.paths.output_dir, eval_gallery=eval_gallery, _convert_="all")
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def _callbacks(cfg: DictConfig, model: AdapterModel) -> list[L.Callback]:
+    monitor, mode = model.monitor
+    out = []
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        if cb is None:
+            continue
+        extra = {"monitor": monitor, "mode": mode} if "monitor" in cb and cb.monitor is None else {}
+        out.append(instantiate(cb, **extra, _convert_="all"))
+    return out
+
+
+def _loggers(cfg: DictConfig) -> list:
+    return [instantiate(lg, _convert_="all") for lg in (cfg.get("logger") or {}).values() if lg is not None]
+
+
+def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed: int) -> dict[str, float]:
+    """The baselines of DESIGN §5 scored with the task's own `evaluate`, on the test split."""
+    test = dm.whole_split("test")
+    sketch = sketch_features(test["tokens"], dm.schema, seed=seed)
+    out: dict[str, float] = {}
+    if task == "retrieval":
+        raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in test["index"]])
+        for name, feats in (("raw", raw), ("sketch", sketch)):
+            out |= {f"test/baseline_{name}/{k}": v for k, v in model.task.evaluate(feats, test).items()}
+        return out
+    train = dm.whole_split("train")
+    X_train = sketch_features(train["tokens"], dm.schema, seed=seed).numpy()
+    if task == "performance":
+        pred = linear_baseline(task, X_train, train["target"].numpy(), sketch.numpy(), seed)
+        scores = model.task.evaluate(torch.as_tensor(pred), test)
+    else:
+        key = "labels" if model.task.multilabel else "label"
+        proba = linear_baseline(task, X_train, train[key].numpy(), sketch.numpy(), seed)
+        proba = np.clip(proba, 1e-7, 1 - 1e-7)
+        logits = np.log(proba / (1 - proba)) if model.task.multilabel else np.log(proba)
+        scores = model.task.evaluate(torch.as_tensor(logits), test)
+    return {f"test/baseline_sketch/{k}": v for k, v in scores.items()}
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, test the best checkpoint, write metrics.json + config + plots; return the monitored value."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    task = cfg.task.name
+
+    t0 = time.perf_counter()
+    dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
+    t_data = time.perf_counter() - t0
+    model: AdapterModel = instantiate(cfg.model, task=task, info=asdict(dm.info), head=cfg.task.get("head"), _convert_="all")
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s parameters (encoder %s)", f"{n_params:,}", f"{model.encoder.num_parameters():,}")
+
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg, model), logger=_loggers(cfg) or False)
+    t1 = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    t_fit = time.perf_counter() - t1
+    monitor = model.monitor[0]
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    value = trainer.callback_metrics.get(monitor)
+    if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_score is not None:
+        value = trainer.checkpoint_callback.best_model_score
+    if not cfg.get("test", True):
+        return None if value is None else float(value)
+
+    test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True)[0]
+    metrics = {k: float(v) for k, v in test_metrics.items()}
+    if trainer.is_global_zero:
+        metrics |= baseline_metrics(dm, model, task, cfg.seed)
+        metrics |= {"params": float(n_params), "train_adapters": float(len(dm.split_rows["train"])),
+                    "data_seconds": t_data, "fit_seconds": t_fit}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        model.eval()
+        save_plots(model, dm, task, out_dir, trainer.loggers)
+        print_results(task, metrics, out_dir)
+    return None if value is None else float(value)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test a checkpoint on a collection (its schema fixes the token layout); writes metrics.json."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = AdapterModel.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    task = model.hparams.task
+    with open_dict(cfg):
+        cfg.data.schema = model.hparams.info["schema"]
+    dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False)
+    metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm)[0].items()}
+    metrics |= baseline_metrics(dm, model, task, cfg.seed)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    print_results(task, metrics, out_dir)
+    return metrics

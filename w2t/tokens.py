@@ -1,0 +1,120 @@
+"""Token schema: the module positions of a collection, and padded per-type token tensors.
+
+Every module of one type has the same (m, n), so tokens are grouped by type into dense tensors
+(one batched projection per type downstream). The schema is the union of (type, layer) positions
+over a collection, with the largest rank per type, so adapters with different ranks and different
+target modules batch together: absent ranks and absent modules are masked, never dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+
+from w2t.canonical import CanonicalModule
+from w2t.errors import SchemaError
+
+Tokens = dict[str, dict[str, torch.Tensor]]  # group name -> {"u", "v", "s", "mask"}
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """All modules of one type: ΔW is m×n, layers lists the positions, max_rank pads r."""
+
+    name: str
+    module_type: str
+    m: int
+    n: int
+    layers: tuple[int, ...]
+    max_rank: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass(frozen=True)
+class TokenSchema:
+    groups: tuple[GroupSpec, ...]
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[CanonicalModule]) -> "TokenSchema":
+        """Union of positions; a type seen with two shapes becomes two groups named `type@mxn`."""
+        seen: dict[tuple[str, int, int], tuple[set[int], int]] = {}
+        for mod in modules:
+            key = (mod.module_type, *mod.shape)
+            layers, rank = seen.get(key, (set(), 0))
+            layers.add(mod.layer)
+            seen[key] = (layers, max(rank, mod.S.shape[0]))
+        shapes_per_type: dict[str, int] = {}
+        for t, _, _ in seen:
+            shapes_per_type[t] = shapes_per_type.get(t, 0) + 1
+        groups = []
+        for (t, m, n), (layers, rank) in sorted(seen.items()):
+            name = t if shapes_per_type[t] == 1 else f"{t}@{m}x{n}"
+            groups.append(GroupSpec(name, t, m, n, tuple(sorted(layers)), rank))
+        return cls(tuple(groups))
+
+    def group_for(self, module_type: str, m: int, n: int) -> GroupSpec | None:
+        for g in self.groups:
+            if g.module_type == module_type and g.m == m and g.n == n:
+                return g
+        return None
+
+    @property
+    def max_layer(self) -> int:
+        return max((max(g.layers) for g in self.groups), default=0)
+
+    def to_dict(self) -> dict:
+        return {"groups": [asdict(g) for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenSchema":
+        return cls(tuple(GroupSpec(**{**g, "layers": tuple(g["layers"])}) for g in d["groups"]))
+
+
+def tokenize(
+    modules: list[CanonicalModule],
+    schema: TokenSchema,
+    *,
+    dtype: torch.dtype = torch.float32,
+    strict: bool = True,
+    source: object = None,
+) -> tuple[Tokens, list[str]]:
+    """Place an adapter's canonical modules into the schema's padded tensors.
+
+    Returns the tokens and the list of modules the schema has no position for. With
+    `strict`, such a module raises SchemaError (naming `source`); otherwise it is left out and
+    reported, so callers can warn.
+    """
+    out: Tokens = {}
+    for g in schema.groups:
+        out[g.name] = {
+            "u": torch.zeros(g.num_layers, g.max_rank, g.m, dtype=dtype),  # (L, R, m)
+            "v": torch.zeros(g.num_layers, g.max_rank, g.n, dtype=dtype),  # (L, R, n)
+            "s": torch.zeros(g.num_layers, g.max_rank, dtype=dtype),  # (L, R)
+            "mask": torch.zeros(g.num_layers, g.max_rank, dtype=torch.bool),  # (L, R)
+        }
+    unknown: list[str] = []
+    for mod in modules:
+        g = schema.group_for(mod.module_type, *mod.shape)
+        r = mod.S.shape[0]
+        if g is None or mod.layer not in g.layers or r > g.max_rank:
+            why = "unknown type/shape" if g is None else ("unknown layer" if mod.layer not in g.layers else f"rank {r} > {g.max_rank}")
+            unknown.append(f"{mod.module_type}[layer {mod.layer}, {mod.shape[0]}x{mod.shape[1]}]: {why}")
+            continue
+        li = g.layers.index(mod.layer)
+        t = out[g.name]
+        t["u"][li, :r] = mod.U.T.to(dtype)
+        t["v"][li, :r] = mod.V.T.to(dtype)
+        t["s"][li, :r] = mod.S.to(dtype)
+        t["mask"][li, :r] = mod.mask
+    if unknown and strict:
+        raise SchemaError("modules outside the schema: " + "; ".join(unknown), path=source)
+    return out, unknown
+
+
+def collate_tokens(items: list[Tokens]) -> Tokens:
+    """Stack per-adapter tokens into a batch: every tensor gains a leading dimension B."""
+    return {g: {k: torch.stack([it[g][k] for it in items]) for k in items[0][g]} for g in items[0]}
