@@ -80,12 +80,12 @@ def canonicalize(
 
     top = S[..., :1]
     mask = (S > rtol * top) & (top > 0)
-    if sign_rule:
-        flip = torch.where(_deciding_quantity(U, V) < 0, -1.0, 1.0).to(U.dtype)  # (…, r)
-        U = U * flip.unsqueeze(-2)
-        V = V * flip.unsqueeze(-2)
-    keep = mask.to(U.dtype)
-    return CanonicalForm(U=U * keep.unsqueeze(-2), S=S * keep, V=V * keep.unsqueeze(-2), mask=mask)
+    factor = mask.to(U.dtype)  # zero the masked components...
+    if sign_rule:  # ...and flip the others to the sign rule, in one in-place pass over U and V
+        factor = factor * torch.where(_deciding_quantity(U, V) < 0, -1.0, 1.0).to(U.dtype)
+    U.mul_(factor.unsqueeze(-2))
+    V.mul_(factor.unsqueeze(-2))
+    return CanonicalForm(U=U, S=S * mask.to(S.dtype), V=V, mask=mask)
 
 
 @dataclass
@@ -102,6 +102,14 @@ class CanonicalModule:
     @property
     def shape(self) -> tuple[int, int]:
         return self.U.shape[0], self.V.shape[0]
+
+
+def _stack64(mats: list[torch.Tensor], device) -> torch.Tensor:
+    """Stack and convert to float64 in one allocation (big adapters are bound by memory traffic)."""
+    out = torch.empty((len(mats), *mats[0].shape), dtype=torch.float64, device=device)
+    for i, m in enumerate(mats):
+        out[i].copy_(m)
+    return out
 
 
 def canonicalize_adapter(
@@ -122,8 +130,8 @@ def canonicalize_adapter(
     out: list[CanonicalModule | None] = [None] * len(adapter.modules)
     for idx in buckets.values():
         mods = [adapter.modules[i] for i in idx]
-        A = torch.stack([m.A for m in mods]).to(device)  # (k, r, n)
-        B = torch.stack([m.B for m in mods]).to(device)  # (k, m, r)
+        A = _stack64([m.A for m in mods], device)  # (k, r, n)
+        B = _stack64([m.B for m in mods], device)  # (k, m, r)
         scale = torch.tensor([m.scale for m in mods], dtype=torch.float64, device=A.device)
         form = canonicalize(A, B, scale, rtol=rtol, sign_rule=sign_rule)
         U, S, V, mask = (t.cpu() for t in (form.U, form.S, form.V, form.mask))

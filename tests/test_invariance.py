@@ -1,0 +1,126 @@
+"""Invariance on real PEFT adapters: files → canonical tokens → encoder outputs (DESIGN §2, §3)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters_factory import bert_adapter, llama_adapter
+from w2t import load_adapter
+from w2t.canonical import canonicalize_adapter
+from w2t.encoder import EncoderConfig, W2TEncoder
+from w2t.tokens import TokenSchema, collate_tokens, tokenize
+
+
+def reparametrized(adapter, cond: float, seed: int):
+    """The same ΔW per module, factored as (B G, G⁻¹ A) with cond(G) = `cond`, in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(adapter)
+    for mod in out.modules:
+        r = mod.rank
+        Q1, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+        Q2, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
+        G = Q1 @ torch.diag(torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)) @ Q2
+        mod.A, mod.B = torch.linalg.solve(G, mod.A.double()), mod.B.double() @ G
+    return out
+
+
+def tokens_of(adapter, schema=None):
+    mods = canonicalize_adapter(adapter)
+    schema = schema or TokenSchema.from_modules(mods)
+    return tokenize(mods, schema, dtype=torch.float64)[0], schema
+
+
+def max_diff(t1, t2):
+    return max((t1[g][k].double() - t2[g][k].double()).abs().max().item() for g in t1 for k in ("u", "v", "s"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return llama_adapter(tmp_path_factory.mktemp("llama") / "a", num_layers=3, seed=0).path
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
+def test_tokens_invariant_to_gl_reparametrization(llama, cond):
+    adapter = load_adapter(llama, dtype=torch.float64)
+    ref, schema = tokens_of(adapter)
+    rep, _ = tokens_of(reparametrized(adapter, cond, seed=int(cond)), schema)
+    assert max_diff(ref, rep) < 1e-8
+
+
+def test_key_order_and_scale_tradeoff_in_files(llama, tmp_path):
+    ref, schema = tokens_of(load_adapter(llama, dtype=torch.float64))
+    tensors = load_file(str(llama / "adapter_model.safetensors"))
+    config = json.loads((llama / "adapter_config.json").read_text())
+
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    keys = list(tensors)
+    random.Random(0).shuffle(keys)
+    save_file({k: tensors[k] for k in keys}, str(shuffled / "adapter_model.safetensors"))
+    (shuffled / "adapter_config.json").write_text(json.dumps(config))
+    assert max_diff(ref, tokens_of(load_adapter(shuffled, dtype=torch.float64), schema)[0]) == 0.0
+
+    traded = tmp_path / "traded"  # alpha ×2 with B ×½: the same ΔW (exact in binary floating point)
+    traded.mkdir()
+    save_file({k: v * 0.5 if "lora_B" in k else v for k, v in tensors.items()}, str(traded / "adapter_model.safetensors"))
+    (traded / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    assert max_diff(ref, tokens_of(load_adapter(traded, dtype=torch.float64), schema)[0]) < 1e-12
+
+
+def test_float32_file_reparametrized_in_float32(llama):
+    """A reparametrization stored in float32 (as a real file would be) agrees to ~1e-5, not 1e-8."""
+    adapter = load_adapter(llama, dtype=torch.float64)
+    ref, schema = tokens_of(adapter)
+    rep = reparametrized(adapter, 10.0, seed=3)
+    for mod in rep.modules:
+        mod.A, mod.B = mod.A.float(), mod.B.float()
+    assert max_diff(ref, tokens_of(rep, schema)[0]) < 1e-4
+
+
+def test_encoder_outputs_invariant_and_sensitive(llama, tmp_path):
+    adapter = load_adapter(llama, dtype=torch.float64)
+    ref, schema = tokens_of(adapter)
+    rep, _ = tokens_of(reparametrized(adapter, 1e3, seed=1), schema)
+    other, _ = tokens_of(load_adapter(llama_adapter(tmp_path / "b", num_layers=3, seed=5).path, dtype=torch.float64), schema)
+    torch.manual_seed(0)
+    enc = W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval()
+    with torch.no_grad():
+        z_ref, z_rep, z_other = enc(collate_tokens([ref, rep, other])).unbind(0)
+    assert (z_ref - z_rep).abs().max() < 1e-6
+    assert (z_ref - z_other).abs().max() > 1e-2
+
+
+def test_mixed_ranks_and_module_sets_batch_together(tmp_path):
+    a = load_adapter(llama_adapter(tmp_path / "a", r=2, target_modules=["q_proj", "v_proj"]).path)
+    b = load_adapter(llama_adapter(tmp_path / "b", r=8, target_modules=["q_proj", "k_proj", "o_proj"], seed=1).path)
+    ma, mb = canonicalize_adapter(a), canonicalize_adapter(b)
+    schema = TokenSchema.from_modules(ma + mb)
+    names = {g.name: g for g in schema.groups}
+    assert set(names) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    assert names["self_attn.q_proj"].max_rank == 8 and names["self_attn.k_proj"].m == 32  # GQA: k is narrower
+    ta, tb = (tokenize(m, schema)[0] for m in (ma, mb))
+    batch = collate_tokens([ta, tb])
+    assert batch["self_attn.q_proj"]["mask"].shape == (2, 3, 8)
+    assert batch["self_attn.q_proj"]["mask"][0].sum(-1).tolist() == [2, 2, 2]  # rank 2, padded to 8
+    assert not batch["self_attn.k_proj"]["mask"][0].any()  # missing module: masked, not dropped
+    assert not batch["self_attn.v_proj"]["mask"][1].any()
+    enc = W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).eval()
+    assert torch.isfinite(enc(batch)).all()
+
+
+def test_zero_adapter_is_fully_masked_and_encodes(tmp_path):
+    built = bert_adapter(tmp_path / "z")
+    adapter = load_adapter(built.path)
+    for mod in adapter.modules:
+        mod.B = torch.zeros_like(mod.B)
+    mods = canonicalize_adapter(adapter)
+    assert not any(m.mask.any() for m in mods)
+    toks, _ = tokenize(mods, TokenSchema.from_modules(mods))
+    enc = W2TEncoder(TokenSchema.from_modules(mods), EncoderConfig(d_model=32, n_heads=4, depth=1)).eval()
+    assert torch.isfinite(enc(collate_tokens([toks]))).all()

@@ -1,0 +1,80 @@
+"""Retrieval metrics against a brute-force reference, on hand-built and random cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from w2t.retrieval import retrieval_metrics
+from w2t.tasks import supcon_loss
+
+
+def brute_force(q, qg, g, gg, q_in_g, k=10):
+    """Plain-Python DESIGN §5: rank the gallery by cosine, skip the query itself."""
+    mrr = hit1 = hitk = ndcg = ap = 0.0
+    n = 0
+    for i in range(len(q)):
+        cands = [j for j in range(len(g)) if j != q_in_g[i]]
+        sims = {j: float(torch.nn.functional.cosine_similarity(q[i].double(), g[j].double(), dim=0)) for j in cands}
+        ranked = sorted(cands, key=lambda j: (-sims[j], j))
+        rel = [int(gg[j] == qg[i]) for j in ranked]
+        if sum(rel) == 0:
+            continue
+        n += 1
+        first = rel.index(1) + 1
+        mrr += 1 / first
+        hit1 += first <= 1
+        hitk += first <= k
+        dcg = sum(r / math.log2(p + 2) for p, r in enumerate(rel[:k]))
+        idcg = sum(1 / math.log2(p + 2) for p in range(min(sum(rel), k)))
+        ndcg += dcg / idcg
+        hits, prec = 0, 0.0
+        for p, r in enumerate(rel):
+            if r:
+                hits += 1
+                prec += hits / (p + 1)
+        ap += prec / sum(rel)
+    return {"mrr": mrr / n, "hit@1": hit1 / n, f"hit@{k}": hitk / n, f"ndcg@{k}": ndcg / n, "map": ap / n, "num_queries": n}
+
+
+def test_hand_built_case():
+    # gallery: two of group 0, one of group 1; the query (group 0) is closest to the group-1 item
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
+    gg = torch.tensor([1, 0, 0])
+    q = torch.tensor([[1.0, 0.05]])
+    m = retrieval_metrics(q, torch.tensor([0]), g, gg, torch.tensor([-1]), k=2)
+    assert m["mrr"] == pytest.approx(0.5)  # ranks: item0 (wrong), item2 (right), item1 (right)
+    assert m["hit@1"] == 0.0 and m["hit@2"] == 1.0
+    assert m["map"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    idcg = 1 + 1 / math.log2(3)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / idcg)
+
+
+def test_query_never_retrieves_itself():
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    gg = torch.tensor([0, 0, 1])
+    m = retrieval_metrics(g[:1], gg[:1], g, gg, torch.tensor([0]))
+    assert m["mrr"] == pytest.approx(0.5)  # itself (rank 1) excluded: item 2 (wrong) then item 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_brute_force_on_random_cases(seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(40, 6, generator=gen)
+    gg = torch.randint(0, 5, (40,), generator=gen)
+    q_in_g = torch.tensor([3, 7, -1, 12, 30, -1, 0, 39])
+    q = torch.where((q_in_g >= 0)[:, None], g[q_in_g.clamp_min(0)], torch.randn(8, 6, generator=gen))
+    qg = torch.where(q_in_g >= 0, gg[q_in_g.clamp_min(0)], torch.randint(0, 6, (8,), generator=gen))
+    fast = retrieval_metrics(q, qg, g, gg, q_in_g)
+    ref = brute_force(q, qg, g, gg, q_in_g.tolist())
+    assert fast["num_queries"] == ref["num_queries"]
+    for key in ("mrr", "hit@1", "hit@10", "ndcg@10", "map"):
+        assert fast[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+def test_supcon_prefers_grouped_embeddings():
+    groups = torch.tensor([0, 0, 1, 1])
+    good = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [-0.1, 1.0], [0.1, 1.0]]), dim=-1)
+    bad = good[[0, 2, 1, 3]]
+    assert supcon_loss(good, groups, 0.1) < supcon_loss(bad, groups, 0.1)

@@ -1,0 +1,145 @@
+"""Hydra configs and the training pipeline, in-process on the tiny collection (STYLE.md)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from w2t.module import AdapterModel
+from w2t.run import evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("classification", "performance", "retrieval")
+CONTRACT_KEYS = {
+    "classification": ["test/acc", "test/macro_f1", "test/auroc", "test/baseline_sketch/acc"],
+    "performance": ["test/r2", "test/spearman", "test/kendall", "test/mae", "test/baseline_sketch/spearman"],
+    "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
+                  "test/baseline_raw/mrr", "test/baseline_sketch/mrr"],
+}
+
+
+def make_cfg(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+def fast(tiny_collection, tmp_path, *extra):
+    return [f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}", "trainer.max_epochs=3",
+            "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", *extra]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_compose(experiment, tmp_path):
+    cfg = make_cfg([f"experiment={experiment}"], tmp_path)
+    assert cfg.task.name == experiment
+    assert cfg.data._target_ == "w2t.datamodule.AdapterDataModule"
+    {"classification": lambda: cfg.data.label_column, "performance": lambda: cfg.data.target_column,
+     "retrieval": lambda: cfg.data.group_column}[experiment]()
+
+
+@pytest.mark.parametrize("group,choice", [("logger", "csv"), ("logger", "wandb"), ("callbacks", "default"),
+                                          ("trainer", "cpu"), ("trainer", "ddp"), ("data", "digits")])
+def test_config_groups_instantiate(group, choice, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = make_cfg([f"{group}={choice}"], tmp_path)
+    node = cfg[group]
+    if group in ("logger", "callbacks"):
+        objs = [instantiate(v, **({"monitor": "val/x"} if "monitor" in v and v.monitor is None else {}))
+                for v in node.values() if v is not None]
+        assert objs
+        if choice == "wandb":
+            assert cfg.logger.wandb.mode == "offline"
+    elif group == "trainer" and choice == "ddp":
+        assert cfg.trainer.strategy == "ddp"  # instantiating it would start processes; test_ddp covers it
+    else:
+        assert instantiate(node) is not None
+
+
+def test_other_trainer_configs_compose(tmp_path):
+    for choice in ("gpu", "ddp"):
+        assert make_cfg([f"trainer={choice}"], tmp_path).trainer._target_ == "lightning.Trainer"
+    for name in ("fast", "default"):
+        assert make_cfg([f"debug={name}"], tmp_path).trainer.max_epochs <= 2
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fit_and_test_each_experiment(experiment, tiny_collection, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_cfg([f"experiment={experiment}", *fast(tiny_collection, tmp_path)], out)
+    value = train(cfg)
+    assert value is not None and math.isfinite(value)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in CONTRACT_KEYS[experiment]:
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert all(isinstance(v, float) for v in metrics.values())
+    splits = json.loads((out / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["test"])
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "best.ckpt").exists()
+    assert list(out.glob("*.png")), "a plot is saved in the run directory"
+    assert (out / "csv" / "metrics.csv").exists()
+
+
+def test_checkpoint_loads_weights_only_and_resumes(tiny_collection, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_cfg(["experiment=performance", *fast(tiny_collection, tmp_path, "trainer.max_epochs=2")], out)
+    train(cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)  # no pickled OmegaConf / partial inside
+    assert ckpt["epoch"] == 1
+    model = AdapterModel.load_from_checkpoint(last, weights_only=True)
+    assert model.hparams.task == "performance"
+
+    resumed = tmp_path / "resumed"
+    cfg = make_cfg(["experiment=performance", *fast(tiny_collection, tmp_path, "trainer.max_epochs=4"),
+                    f"ckpt_path={last}"], resumed)
+    train(cfg)
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
+    logged = pd.read_csv(resumed / "csv" / "metrics.csv")
+    assert set(logged["epoch"].dropna().astype(int)) == {2, 3}, "resumed at epoch 2, not from scratch"
+
+    evaluated = tmp_path / "eval"
+    cfg = make_cfg(["experiment=performance", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
+                    f"ckpt_path={resumed / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
+    metrics = evaluate(cfg)
+    assert "test/spearman" in json.loads((evaluated / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/mae"])
+
+
+def test_wandb_offline_run(tiny_collection, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    cfg = make_cfg(["experiment=classification", "logger=wandb", *fast(tiny_collection, tmp_path, "trainer.max_epochs=1")], out)
+    train(cfg)
+    assert list((out / "wandb").glob("offline-run-*")), "wandb wrote an offline run"
+    assert (out / "csv" / "metrics.csv").exists(), "CSV logging stays on beside wandb"
+
+
+@pytest.mark.slow
+def test_readme_main_command_subprocess(tiny_collection, tmp_path):
+    env = {**os.environ, "W2T_DATA_DIR": str(tmp_path / "data"), "W2T_PROGRESS": "0"}
+    cmd = [sys.executable, "train.py", "experiment=retrieval", f"data.root={tiny_collection}", "trainer.max_epochs=2",
+           f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline: sketch" in proc.stdout and "mrr" in proc.stdout
+    runs = list((tmp_path / "logs" / "retrieval" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
