@@ -41,6 +41,7 @@ class CacheOptions:
     rtol: float = DEFAULT_RTOL
     sign_rule: bool = True
     allow_pickle: bool = False
+    device: str | None = None  # where to canonicalize ("cuda"); not in the tag: tokens don't depend on it
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -48,7 +49,7 @@ class CacheOptions:
 
     @property
     def tag(self) -> str:
-        opts = json.dumps(asdict(self), sort_keys=True)
+        opts = json.dumps({k: v for k, v in asdict(self).items() if k != "device"}, sort_keys=True)
         return f"v{CANON_VERSION}-{hashlib.sha256(opts.encode()).hexdigest()[:10]}"
 
 
@@ -110,7 +111,7 @@ def _build_one(args: tuple[str, str, str, CacheOptions]) -> tuple[str, str | Non
     adapter_id, src, target, opts = args
     try:
         adapter = load_adapter(src, allow_pickle=opts.allow_pickle)
-        modules = canonicalize_adapter(adapter, rtol=opts.rtol, sign_rule=opts.sign_rule)
+        modules = canonicalize_adapter(adapter, rtol=opts.rtol, sign_rule=opts.sign_rule, device=opts.device)
         save_entry(Path(target), modules, DTYPES[opts.dtype])
         return adapter_id, None
     except W2TError as e:
@@ -128,10 +129,11 @@ class TokenCache:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def build(self, items: list[tuple[str, str | Path]], *, workers: int | None = None, strict: bool = False,
-              report_name: str = "report") -> BuildReport:
+              report_name: str = "report", parallel_min: int = PARALLEL_MIN) -> BuildReport:
         """Make sure every (adapter_id, path) has an entry; returns what was built, reused and failed.
 
-        `strict` raises the first failure instead of skipping it.
+        `strict` raises the first failure instead of skipping it. `workers` processes are used only
+        when at least `parallel_min` adapters are pending (benchmarks set it to 0).
         """
         report = BuildReport()
         pending: list[tuple[str, str, str, CacheOptions]] = []
@@ -155,8 +157,9 @@ class TokenCache:
             raise W2TError(report.failed[0]["error"], path=report.failed[0]["path"])
 
         workers = workers if workers is not None else (os.cpu_count() or 1)
-        if workers > 1 and len(pending) >= PARALLEL_MIN:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        if workers > 1 and len(pending) >= parallel_min:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),  # one thread each:
+                                       initializer=torch.set_num_threads, initargs=(1,))  # no N×N oversubscription
             results = pool.map(_build_one, pending, chunksize=8)
         else:
             pool, results = None, map(_build_one, pending)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from w2t.pretrained import PretrainedMixin
 from w2t.tokens import TokenSchema, Tokens
 
 
@@ -50,7 +51,7 @@ class SigmaFeatures(nn.Module):
         return self.proj(torch.cat([torch.sin(x), torch.cos(x), ls / 10], -1))
 
 
-class W2TEncoder(nn.Module):
+class W2TEncoder(nn.Module, PretrainedMixin):
     def __init__(self, schema: TokenSchema, config: EncoderConfig | None = None):
         super().__init__()
         self.schema = schema

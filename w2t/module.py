@@ -5,7 +5,9 @@ model anywhere and load with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
@@ -13,8 +15,11 @@ import torch
 
 from w2t.datamodule import DataInfo
 from w2t.encoder import EncoderConfig, W2TEncoder
+from w2t.errors import W2TError
 from w2t.tasks import TASKS
 from w2t.tokens import TokenSchema
+
+log = logging.getLogger(__name__)
 
 
 class AdapterModel(L.LightningModule):
@@ -27,14 +32,39 @@ class AdapterModel(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_frac: float = 0.05,
+        pretrained: str | None = None,
+        freeze_encoder: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-        self.encoder = W2TEncoder(TokenSchema.from_dict(info["schema"]), EncoderConfig(**(encoder or {})))
+        self.encoder = self._build_encoder(TokenSchema.from_dict(info["schema"]), encoder or {}, pretrained)
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
         self.task = TASKS[task](self.encoder.dim, DataInfo(**info), **(head or {}))
         self._eval: list[dict] = []
+
+    def _build_encoder(self, schema: TokenSchema, encoder: dict, pretrained: str | None) -> W2TEncoder:
+        """A new encoder, or the exported one in `pretrained` (its architecture wins over `encoder`)."""
+        if not pretrained:
+            return W2TEncoder(schema, EncoderConfig(**encoder))
+        enc = W2TEncoder.from_pretrained(pretrained)
+        if enc.schema != schema:
+            raise W2TError("the data's token schema differs from the pretrained encoder's: tokenize the data with "
+                           "the encoder's schema (AdapterDataModule(schema=...); train.py does it for model.pretrained)",
+                           path=pretrained)
+        ignored = {k: v for k, v in encoder.items() if asdict(enc.config).get(k) != v}
+        if ignored:
+            log.warning("model.encoder options %s ignored: the pretrained encoder's architecture is used", ignored)
+        self.hparams["encoder"] = asdict(enc.config)  # so its checkpoints rebuild this architecture
+        return enc
+
+    def train(self, mode: bool = True) -> AdapterModel:
+        super().train(mode)
+        if self.hparams.freeze_encoder:
+            self.encoder.eval()  # a frozen encoder is a fixed feature map: no dropout inside it
+        return self
 
     @property
     def monitor(self) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from w2t.baselines import linear_baseline, raw_features, sketch_features
 from w2t.datamodule import AdapterDataModule
 from w2t.formats import load_adapter
 from w2t.module import AdapterModel
+from w2t.pretrained import data_options
 from w2t.report import print_results, save_plots
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     task = cfg.task.name
 
+    if cfg.model.get("pretrained"):  # tokenize the data as the pretrained encoder reads it (schema, sign rule)
+        with open_dict(cfg):
+            cfg.data.update(data_options(cfg.model.pretrained))
     t0 = time.perf_counter()
     dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
     t_data = time.perf_counter() - t0
@@ -98,6 +102,7 @@ def train(cfg: DictConfig) -> float | None:
     test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True)[0]
     metrics = {k: float(v) for k, v in test_metrics.items()}
     if trainer.is_global_zero:
+        model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule)
         metrics |= baseline_metrics(dm, model, task, cfg.seed)
         metrics |= {"params": float(n_params), "train_adapters": float(len(dm.split_rows["train"])),
                     "data_seconds": t_data, "fit_seconds": t_fit}

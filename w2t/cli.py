@@ -1,0 +1,125 @@
+"""Command lines for a pretrained encoder: `w2t-embed` (a library → an embeddings file) and `w2t-search`."""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from w2t.errors import W2TError
+
+ADAPTER_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
+DEFAULT_COLUMNS = 6  # metadata columns shown beside hits when --columns is not given
+
+
+def list_adapters(spec: str) -> list[tuple[str, Path]]:
+    """(id, path) of each adapter in a folder (its weight files and subfolders) or matching a glob."""
+    if glob.has_magic(spec):
+        paths = [Path(p) for p in sorted(glob.glob(spec))]
+        return [(str(p), p) for p in paths]
+    root = Path(spec)
+    if not root.is_dir():
+        raise W2TError("--adapters needs a folder of adapters or a glob pattern", root)
+    children = sorted(p for p in root.iterdir() if not p.name.startswith(".")
+                      and (p.is_dir() or p.suffix in ADAPTER_SUFFIXES))
+    return [(p.name, p) for p in children]
+
+
+def _load_table(root: str):
+    from w2t.collection import read_metadata
+
+    return read_metadata(root)
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    """w2t-embed --encoder DIR (--collection ROOT | --adapters DIR_OR_GLOB) --out emb.safetensors"""
+    ap = argparse.ArgumentParser(prog="w2t-embed", description="Embed a library of LoRA adapters with a pretrained encoder.")
+    ap.add_argument("--encoder", required=True, help="exported encoder folder (<run dir>/encoder)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--collection", help="collection root with a metadata file (ids = adapter_id)")
+    src.add_argument("--adapters", help="folder of adapter files/folders, or a glob (ids = names)")
+    ap.add_argument("--out", required=True, help="embeddings file to write (.safetensors)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt files (weights_only)")
+    args = ap.parse_args(argv)
+
+    from w2t.encoder import W2TEncoder
+    from w2t.pretrained import fingerprint
+    from w2t.search import save_embeddings
+
+    try:
+        encoder = W2TEncoder.from_pretrained(args.encoder, device=args.device)
+        if args.collection:
+            table = _load_table(args.collection)
+            items = list(zip(table["adapter_id"], table["abs_path"]))
+        else:
+            items = list_adapters(args.adapters)
+        if not items:
+            raise W2TError("no adapters found", args.collection or args.adapters)
+        ids, paths = zip(*items)
+        result = encoder.embed_many(paths, ids, batch_size=args.batch_size, allow_pickle=args.allow_pickle)
+        save_embeddings(args.out, result.embeddings, result.ids, encoder=str(Path(args.encoder).resolve()),
+                        encoder_sha256=fingerprint(args.encoder), failed=result.failed)
+    except W2TError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    console = Console(stderr=True)
+    console.print(f"embedded {len(result.ids)} of {len(ids)} adapters ({result.embeddings.shape[1]}-d) → {args.out}")
+    for adapter_id, error in result.failed.items():
+        console.print(f"[red]failed[/red] {adapter_id}: {error}", markup=True, highlight=False)
+    return 0  # failures are reported here and listed in the file's metadata ("failed")
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    """w2t-search --index emb.safetensors --encoder DIR --query ADAPTER [-k 10] [--metadata ROOT]"""
+    ap = argparse.ArgumentParser(prog="w2t-search", description="Find the library adapters most similar to a query adapter.")
+    ap.add_argument("--index", required=True, help="embeddings file written by w2t-embed")
+    ap.add_argument("--encoder", required=True, help="the exported encoder that wrote the index")
+    ap.add_argument("--query", required=True, nargs="+", help="query adapter file(s)/folder(s)")
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--metadata", help="collection root: show its metadata columns beside the hits")
+    ap.add_argument("--columns", help=f"comma-separated metadata columns (default: the first {DEFAULT_COLUMNS})")
+    ap.add_argument("--backend", choices=("torch", "faiss"), default="torch")
+    ap.add_argument("--allow-pickle", action="store_true")
+    args = ap.parse_args(argv)
+
+    from w2t.encoder import W2TEncoder
+    from w2t.pretrained import fingerprint
+    from w2t.search import EmbeddingIndex, load_embeddings
+
+    try:
+        emb, ids, meta = load_embeddings(args.index)
+        encoder = W2TEncoder.from_pretrained(args.encoder)
+        if meta.get("encoder_sha256") not in (None, fingerprint(args.encoder)):
+            raise W2TError(f"the index was written by another encoder ({meta.get('encoder')}): "
+                           "embeddings of different encoders are not comparable", args.index)
+        queries = encoder.embed(args.query, allow_pickle=args.allow_pickle)
+        scores, hits = EmbeddingIndex(emb, ids, backend=args.backend).search(queries, args.k)
+        table = _load_table(args.metadata).set_index("adapter_id") if args.metadata else None
+    except W2TError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    columns = []
+    if table is not None:
+        user = [c for c in table.columns if c not in ("path", "abs_path")]
+        columns = args.columns.split(",") if args.columns else user[:DEFAULT_COLUMNS]
+        if missing := [c for c in columns if c not in table.columns]:
+            print(f"error: columns {missing} are not in the metadata", file=sys.stderr)
+            return 2
+    console = Console()
+    for query, row_scores, row_ids in zip(args.query, scores.tolist(), hits):
+        out = Table(title=f"top {len(row_ids)} for {query}")
+        out.add_column("#", justify="right")
+        out.add_column("adapter_id", no_wrap=True, min_width=max(map(len, row_ids)))  # ids are copied: never cut
+        out.add_column("cosine", justify="right", no_wrap=True)
+        for name in columns:
+            out.add_column(name)
+        for rank, (adapter_id, score) in enumerate(zip(row_ids, row_scores), 1):
+            extra = [str(table.at[adapter_id, c]) if adapter_id in table.index else "" for c in columns] if columns else []
+            out.add_row(str(rank), adapter_id, f"{score:.4f}", *extra)
+        console.print(out)
+    return 0

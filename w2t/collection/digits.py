@@ -1,0 +1,329 @@
+"""The default collection: hundreds of real PEFT LoRA adapters fine-tuned from the digits ViT.
+
+A task is (input transform T, positive digit subset S): the adapter learns "is this digit in S?"
+on images transformed by T, read out through the base model's frozen random probe. Nothing but
+the LoRA update is trained, so the update itself must encode both S and T: the metadata columns
+`digit_*`, `subset`, `transform` and `task` are real, learnable properties of the weights, and
+`accuracy` (held out) varies with rank, targets, steps, learning rate and training-set size.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from hashlib import sha256
+from itertools import repeat
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from w2t.collection.digits_model import (TRANSFORMS, DigitsData, DigitsViT, ViTConfig,
+                                         apply_transform, heldout_accuracy, save_base,
+                                         train_base)
+from w2t.errors import CollectionError
+from w2t.progress import progress
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # bump whenever the build code changes what a recipe produces
+
+SUBSETS: dict[str, tuple[int, ...]] = {
+    "even": (0, 2, 4, 6, 8),
+    "odd": (1, 3, 5, 7, 9),
+    "low": (0, 1, 2, 3, 4),
+    "high": (5, 6, 7, 8, 9),
+    "mixed": (0, 3, 5, 6, 9),  # aligned with neither parity nor magnitude
+}
+MODULES = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
+           "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a collection's bytes; its hash decides when to rebuild."""
+
+    name: str
+    tasks: tuple[tuple[str, str], ...]  # (transform, subset)
+    adapters_per_task: int
+    steps: tuple[int, ...]
+    query_fraction: float = 0.25  # share of each task's adapters trained few-shot (role=query)
+    query_n_train: tuple[int, ...] = (16, 32)
+    gallery_n_train: tuple[int, ...] = (64, 128, 256, 512)
+    ranks: tuple[int, ...] = (2, 4, 8)
+    alpha_factors: tuple[int, ...] = (1, 2, 4)  # lora_alpha = factor × rank
+    lr_range: tuple[float, float] = (2e-3, 5e-2)  # sampled log-uniform
+    targets: tuple[tuple[str, int], ...] = (  # (short module names, sampling weight)
+        ("q,v", 1), ("q,k,v,o", 1), ("q,k,v,o,fc1,fc2", 3), ("fc1,fc2", 1))
+    batch: int = 16
+    n_test: int = 397  # held-out images: never seen by the base or any adapter
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    base_steps: int = 200
+    base_lr: float = 3e-3
+    base_batch: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t[0] not in TRANSFORMS or t[1] not in SUBSETS]
+        if bad:
+            raise ValueError(f"unknown (transform, subset) in {bad}; transforms are "
+                             f"{TRANSFORMS}, subsets {tuple(SUBSETS)}")
+        if not 0 < self.query_fraction < 1:
+            raise ValueError(f"query_fraction must be in (0, 1), got {self.query_fraction}")
+
+    def to_dict(self) -> dict:
+        return {"recipe_version": RECIPE_VERSION, **asdict(self)}
+
+    @property
+    def hash(self) -> str:
+        return sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_recipe(name: str, seed: int = 0) -> Recipe:
+    """The named recipes: `digits` (30 tasks × 20 adapters) and `digits_tiny` (4 × 6, for tests)."""
+    if name == "digits":
+        tasks = tuple((t, s) for t in TRANSFORMS for s in SUBSETS)
+        return Recipe(name, tasks, adapters_per_task=20, steps=(10, 20, 40), seed=seed)
+    if name == "digits_tiny":
+        tasks = (("identity", "even"), ("identity", "low"), ("rot90", "even"), ("rot90", "low"))
+        return Recipe(name, tasks, adapters_per_task=6, steps=(10, 20), base_steps=100, seed=seed)
+    raise CollectionError(f"unknown default collection {name!r}; choose 'digits' or 'digits_tiny'")
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """One adapter to train; its fields plus the measured `accuracy` become its metadata row."""
+
+    path: str
+    adapter_id: str
+    task: str
+    transform: str
+    subset: str
+    role: str
+    rank: int
+    alpha: int
+    lr: float
+    steps: int
+    n_train: int
+    targets: str
+    seed: int
+
+    def row(self, accuracy: float) -> dict:
+        """Identity and labels first (path … subset, digit_*), then hyperparameters."""
+        fields = asdict(self)
+        labels = {k: fields.pop(k) for k in ("path", "adapter_id", "task", "transform", "subset")}
+        digits = {f"digit_{d}": int(d in SUBSETS[self.subset]) for d in range(10)}
+        return {**labels, **digits, **fields, "accuracy": accuracy}
+
+
+def plan(recipe: Recipe) -> list[AdapterJob]:
+    """Sample every adapter's hyperparameters from the recipe seed, in a fixed order.
+
+    The first `query_fraction` of each task's adapters are few-shot (role `query`), so every task
+    has queries to retrieve with and a gallery trained on more data to retrieve from.
+    """
+    rng = random.Random(recipe.seed)
+    names, weights = zip(*recipe.targets)
+    log_lr = [math.log10(x) for x in recipe.lr_range]
+    n_query = max(1, round(recipe.adapters_per_task * recipe.query_fraction))
+    jobs = []
+    for transform, subset in recipe.tasks:
+        for k in range(recipe.adapters_per_task):
+            role = "query" if k < n_query else "gallery"
+            rank = rng.choice(recipe.ranks)
+            adapter_id = f"a{len(jobs):04d}"
+            jobs.append(AdapterJob(
+                path=f"adapters/{adapter_id}", adapter_id=adapter_id,
+                task=f"{transform}-{subset}", transform=transform, subset=subset, role=role,
+                rank=rank, alpha=rank * rng.choice(recipe.alpha_factors),
+                lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"), steps=rng.choice(recipe.steps),
+                n_train=rng.choice(recipe.query_n_train if role == "query"
+                                   else recipe.gallery_n_train),
+                targets=rng.choices(names, weights)[0], seed=rng.randrange(2**31)))
+    return jobs
+
+
+# ---- adapter training (runs in worker processes) ---------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(base_state: dict, vit: ViTConfig, data: DigitsData, seed: int) -> None:
+    torch.set_num_threads(1)  # one core per worker; also makes results independent of threads
+    base = DigitsViT(vit)
+    base.load_state_dict(base_state)
+    _WORKER.update(base=base.eval(), data=data, seed=seed)
+
+
+def _train_adapter(job: AdapterJob, root: Path, batch: int) -> float:
+    """Fine-tune one PEFT LoRA through the frozen probe, save it, return held-out accuracy."""
+    from peft import LoraConfig, get_peft_model
+
+    data: DigitsData = _WORKER["data"]
+    torch.manual_seed(job.seed)  # LoRA A init
+    g = torch.Generator().manual_seed(job.seed)
+    config = LoraConfig(r=job.rank, lora_alpha=job.alpha, lora_dropout=0.0,
+                        target_modules=[MODULES[m] for m in job.targets.split(",")])
+    model = get_peft_model(copy.deepcopy(_WORKER["base"]), config)
+    probe = model.get_base_model().probe
+    positive = torch.tensor(SUBSETS[job.subset])
+    idx = torch.randperm(len(data.y_train), generator=g)[:job.n_train]
+    x, y = data.x_train[idx], torch.isin(data.y_train[idx], positive).float()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.lr,
+                            weight_decay=0.0, foreach=True)
+    for _ in range(job.steps):
+        b = torch.randperm(job.n_train, generator=g)[:batch]
+        logit = probe(model(apply_transform(job.transform, x[b], g))).squeeze(-1)  # (batch,)
+        loss = F.binary_cross_entropy_with_logits(logit, y[b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.save_pretrained(root / job.path)
+    return heldout_accuracy(model, probe, data, job.transform, SUBSETS[job.subset],
+                            _WORKER["seed"])
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Train on one thread in this process too: the same bytes whatever the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _training(jobs: list[AdapterJob], root: Path, batch: int, init_args: tuple,
+              workers: int) -> Iterator[Iterator[float]]:
+    """Held-out accuracies of `jobs`, in order, trained in this process or by forked workers.
+
+    `pool.map` submits every job at once, so all workers fork here, before a progress bar starts
+    its refresh thread (a fork must not copy a lock that thread holds).
+    """
+    if workers == 1:
+        _init_worker(*init_args)
+        try:
+            yield map(_train_adapter, jobs, repeat(root), repeat(batch))
+        finally:
+            _WORKER.clear()
+        return
+    import peft  # noqa: F401  imported once here so that forked workers inherit it (~5 s each)
+
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_init_worker,
+                               initargs=init_args)
+    try:
+        yield pool.map(_train_adapter, jobs, repeat(root), repeat(batch), chunksize=4)
+    finally:  # on an error or Ctrl-C, drop the queued jobs instead of training them all
+        pool.shutdown(cancel_futures=True)
+
+
+def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
+    """Train the base and every adapter into `dest`; metadata.csv and recipe.json come last."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with _single_thread():
+        data = DigitsData.load(recipe.n_test, recipe.seed)
+        base = train_base(recipe.vit, data, steps=recipe.base_steps, lr=recipe.base_lr,
+                          batch=recipe.base_batch, seed=recipe.seed)
+        save_base(base, data, dest, n_test=recipe.n_test, seed=recipe.seed)
+        jobs = plan(recipe)
+        init_args = (base.state_dict(), recipe.vit, data, recipe.seed)
+        with _training(jobs, dest, recipe.batch, init_args, workers) as results:
+            accuracies = list(progress(results, f"{recipe.name}: training LoRA adapters",
+                                       len(jobs)))
+    table = pd.DataFrame([job.row(acc) for job, acc in zip(jobs, accuracies)])
+    table.to_csv(dest / "metadata.csv", index=False)
+    (dest / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash},
+                                                 indent=2))
+    return table
+
+
+# ---- building once, atomically -----------------------------------------------------------------
+
+def _built_hash(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "recipe.json").read_text())["hash"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """Serialize builds of one collection across processes (parallel sweep jobs, test workers).
+
+    Holding the lock, any leftover hidden build folder belongs to a killed build: remove it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on Windows: concurrent builds still end in one valid folder
+        yield
+        return
+    with open(root / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            for stale in [*root.glob(f".{name}.building-*"), *root.glob(f".{name}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _available_cores() -> int:
+    """Cores this process may use (a container's CPU affinity, not the host's core count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def ensure_collection(name: str = "digits", root: str | Path = "data", *,
+                      workers: int | None = None, seed: int = 0, force: bool = False) -> Path:
+    """Return `root/name`, building it first if absent or built from another recipe.
+
+    The build goes to a hidden sibling folder that is renamed into place at the end, so an
+    interrupted build never leaves a half collection where a reader would find it.
+    """
+    recipe = make_recipe(name, seed)
+    root = Path(root)
+    target = root / name
+    if not force and _built_hash(target) == recipe.hash:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root, name):
+        if not force and _built_hash(target) == recipe.hash:  # built while we waited
+            return target
+        workers = workers or min(_available_cores(), 8)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=root))
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the collection from other users
+        try:
+            start = time.perf_counter()
+            build(recipe, tmp, workers)
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+                target.rename(old / name)
+                tmp.rename(target)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(target)
+            log.info("built %s in %.1f s", target, time.perf_counter() - start)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def disk_usage(folder: str | Path) -> int:
+    """Bytes the folder occupies on disk (allocated blocks, like `du`)."""
+    return sum(p.stat().st_blocks * 512 for p in Path(folder).rglob("*"))
