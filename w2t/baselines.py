@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.preprocessing import StandardScaler
 
 from w2t.adapter import Adapter
@@ -61,7 +61,7 @@ def linear_baseline(task: str, X_train: np.ndarray, y_train: np.ndarray, X_test:
     scaler = StandardScaler().fit(X_train)
     Xtr, Xte = scaler.transform(X_train), scaler.transform(X_test)
     if task == "performance":
-        return Ridge(alpha=10.0).fit(Xtr, y_train).predict(Xte)
+        return RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(Xtr, y_train).predict(Xte)
     if y_train.ndim == 2:  # multi-label: one logistic model per column
         return np.stack([_logistic(Xtr, y_train[:, j], Xte, seed)[:, -1] for j in range(y_train.shape[1])], 1)
     return _logistic(Xtr, y_train, Xte, seed)

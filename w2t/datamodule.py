@@ -192,7 +192,9 @@ class AdapterDataModule(L.LightningDataModule):
         in_split[rows] = True
         role = self._role()
         in_gallery = np.ones(n, bool) if role is None else role == "gallery"
-        is_query = in_split.copy() if role is None else in_split & (role == "query")
+        # test follows the protocol (queries = role "query"); validation asks every split adapter,
+        # since model selection on a handful of queries would pick noise
+        is_query = in_split.copy() if role is None or split != "test" else in_split & (role == "query")
         if split != "train" and self.hp.eval_gallery:
             rows = np.flatnonzero(in_split | in_gallery)
         flags = {"in_split": in_split[rows], "in_gallery": in_gallery[rows], "is_query": is_query[rows]}

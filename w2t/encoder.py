@@ -27,8 +27,12 @@ class EncoderConfig:
     sign_invariant: bool = False  # drop sign-carrying features (use when the sign rule is off)
     dropout: float = 0.1
     component_dropout: float = 0.0  # training-time masking of whole rank components
+    sketch_dim: int = 8  # k of the learned bilinear sketch Pᵤ ΔW Pᵥᵀ (k×k per module); 0 turns it off
+    pool: str = "cls"  # "cls": a learned query token reads the modules; "mean": masked mean
 
     def __post_init__(self):
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
@@ -67,14 +71,23 @@ class W2TEncoder(nn.Module, PretrainedMixin):
             nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
             if cfg.rank_encoder else None
         )
-        self.sketch_in = nn.Linear(d, d)
-        self.type_emb = nn.Embedding(len(schema.groups), d)
-        self.layer_emb = nn.Embedding(schema.max_layer + 1, d)
+        k = cfg.sketch_dim
+        if k:
+            # initialised as the random sketch baseline (w2t/baselines.py), then learned
+            self.sketch_u = nn.ParameterList(nn.Parameter(torch.randn(g.m, k) / g.m**0.5) for g in schema.groups)
+            self.sketch_v = nn.ParameterList(nn.Parameter(torch.randn(g.n, k) / g.n**0.5) for g in schema.groups)
+            self.sketch_in = nn.Sequential(nn.Linear(k * k, d), nn.GELU(), nn.Linear(d, d))
+        # small position embeddings: at init, adapters must differ by their content, not by a shared offset
+        self.type_emb = nn.Parameter(0.02 * torch.randn(len(schema.groups), d))
+        self.layer_emb = nn.Parameter(0.02 * torch.randn(schema.max_layer + 1, d))
+        self.pos_gain = nn.Parameter(torch.randn(len(schema.groups), d))
+        self.gain_emb = nn.Parameter(torch.randn(schema.max_layer + 1, d))
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d)) if cfg.pool == "cls" else None
         for i, g in enumerate(schema.groups):
             self.register_buffer(f"layers_{i}", torch.tensor(g.layers), persistent=False)
         self.module_norm = nn.LayerNorm(d)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
-        self.modules_tf = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.modules_tf = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False) if cfg.depth else None
         self.out_norm = nn.LayerNorm(d)
 
     @property
@@ -88,8 +101,9 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         if self.training and cfg.component_dropout > 0:
             mask = mask & (torch.rand_like(s) >= cfg.component_dropout)
         B, L, R = s.shape
-        a = self.proj_u[i](u)  # (B, L, R, d)
-        b = self.proj_v[i](v)  # (B, L, R, d)
+        g = self.schema.groups[i]
+        a = self.proj_u[i](u * g.m**0.5)  # (B, L, R, d); unit vectors rescaled to O(1) entries
+        b = self.proj_v[i](v * g.n**0.5)  # (B, L, R, d)
         ab = a * b  # unchanged by the joint flip (u, v) -> (-u, -v)
         x = self.rank_in(ab if cfg.sign_invariant else torch.cat([a, b, ab], -1))
         if self.sigma is not None:
@@ -102,9 +116,15 @@ class W2TEncoder(nn.Module, PretrainedMixin):
             x = self.rank_layer(x, src_key_padding_mask=~(m | ~present[:, None]))
         w = m.unsqueeze(-1).to(x.dtype)
         pooled = (x * w).sum(1) / w.sum(1).clamp_min(1)  # (B*L, d)
-        sketch = _signed_log((ab * (s * mask).unsqueeze(-1)).sum(2))  # (B, L, d)
-        tok = self.module_norm(pooled.reshape(B, L, -1) + self.sketch_in(sketch))
-        tok = tok + self.type_emb.weight[i] + self.layer_emb(getattr(self, f"layers_{i}"))
+        tok = pooled.reshape(B, L, -1)
+        if cfg.sketch_dim:
+            su = (u * g.m**0.5) @ self.sketch_u[i]  # (B, L, R, k)
+            sv = (v * g.n**0.5) @ self.sketch_v[i]  # (B, L, R, k)
+            sk = torch.einsum("blri,blr,blrj->blij", su, s * mask, sv).flatten(2)  # (B, L, k²) = Pᵤ ΔW Pᵥᵀ
+            tok = tok + self.sketch_in(_signed_log(sk))
+        pos = self.type_emb[i] + self.layer_emb[getattr(self, f"layers_{i}")]  # (L, d)
+        # position binds multiplicatively: a mean over modules then keeps which module said what
+        tok = self.module_norm(tok) * (1 + self.pos_gain[i] * self.gain_emb[getattr(self, f"layers_{i}")]) + pos
         return tok * present.reshape(B, L, 1), present.reshape(B, L)
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
@@ -112,8 +132,14 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         toks, present = zip(*(self._module_tokens(i, tokens[name]) for i, name in enumerate(self.names)))
         x = torch.cat(toks, 1)  # (B, M, d) over all module positions
         p = torch.cat(present, 1)  # (B, M)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
+            p = torch.cat([torch.ones_like(p[:, :1]), p], 1)
         none = ~p.any(1, keepdim=True)  # adapters with no module at all (all-zero B): keep attention finite
-        x = self.modules_tf(x, src_key_padding_mask=~(p | none))
+        if self.modules_tf is not None:
+            x = self.modules_tf(x, src_key_padding_mask=~(p | none))
+        if self.cls is not None:
+            return self.out_norm(x[:, 0])
         w = p.unsqueeze(-1).to(x.dtype)
         return self.out_norm((x * w).sum(1) / w.sum(1).clamp_min(1))
 
