@@ -99,28 +99,28 @@ def test_fit_and_test_each_experiment(experiment, tiny_collection, tmp_path):
 
 def test_checkpoint_loads_weights_only_and_resumes(tiny_collection, tmp_path):
     out = tmp_path / "run"
-    cfg = make_cfg(["experiment=performance", *fast(tiny_collection, tmp_path, "trainer.max_epochs=2")], out)
+    cfg = make_cfg(["experiment=classification", *fast(tiny_collection, tmp_path, "trainer.max_epochs=2")], out)
     train(cfg)
     last = out / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)  # no pickled OmegaConf / partial inside
     assert ckpt["epoch"] == 1
     model = AdapterModel.load_from_checkpoint(last, weights_only=True)
-    assert model.hparams.task == "performance"
+    assert model.hparams.task == "classification"
 
     resumed = tmp_path / "resumed"
-    cfg = make_cfg(["experiment=performance", *fast(tiny_collection, tmp_path, "trainer.max_epochs=4"),
+    cfg = make_cfg(["experiment=classification", *fast(tiny_collection, tmp_path, "trainer.max_epochs=4"),
                     f"ckpt_path={last}"], resumed)
     train(cfg)
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
     logged = pd.read_csv(resumed / "csv" / "metrics.csv")
-    assert set(logged["epoch"].dropna().astype(int)) == {2, 3}, "resumed at epoch 2, not from scratch"
+    assert set(logged.dropna(subset=["val/acc"])["epoch"].astype(int)) == {2, 3}, "resumed at epoch 2, not from scratch"
 
     evaluated = tmp_path / "eval"
-    cfg = make_cfg(["experiment=performance", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
+    cfg = make_cfg(["experiment=classification", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
                     f"ckpt_path={resumed / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
     metrics = evaluate(cfg)
-    assert "test/spearman" in json.loads((evaluated / "metrics.json").read_text())
-    assert math.isfinite(metrics["test/mae"])
+    assert "test/acc" in json.loads((evaluated / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/macro_f1"])
 
 
 def test_wandb_offline_run(tiny_collection, tmp_path, monkeypatch):

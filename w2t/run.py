@@ -53,7 +53,7 @@ def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed
     if task == "retrieval":
         raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in test["index"]])
         for name, feats in (("raw", raw), ("sketch", sketch)):
-            out |= {f"test/baseline_{name}/{k}": v for k, v in model.task.evaluate(feats, test).items()}
+            out |= {f"test/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(feats, test).items()}
         return out
     train = dm.whole_split("train")
     X_train = sketch_features(train["tokens"], dm.schema, seed=seed).numpy()
@@ -66,7 +66,7 @@ def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed
         proba = np.clip(proba, 1e-7, 1 - 1e-7)
         logits = np.log(proba / (1 - proba)) if model.task.multilabel else np.log(proba)
         scores = model.task.evaluate(torch.as_tensor(logits), test)
-    return {f"test/baseline_sketch/{k}": v for k, v in scores.items()}
+    return {f"test/baseline_sketch/{k}": float(v) for k, v in scores.items()}
 
 
 def train(cfg: DictConfig) -> float | None:
