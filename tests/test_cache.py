@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,10 +70,10 @@ def test_half_precision_storage_cost(items, tmp_path):
 def test_bad_adapter_in_the_middle_is_skipped_and_reported(items, tmp_path, tiny_collection):
     work = tmp_path / "coll"
     shutil.copytree(tiny_collection, work)
-    bad_id, bad_rel = items[len(items) // 2][0], None
+    bad_id = items[len(items) // 2][0]
     table = read_metadata(work)
     bad_path = table.set_index("adapter_id").loc[bad_id, "abs_path"]
-    weights = next(p for p in __import__("pathlib").Path(bad_path).glob("*.safetensors"))
+    weights = next(Path(bad_path).glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated file
     work_items = list(zip(table["adapter_id"].astype(str), table["abs_path"]))
     cache = TokenCache(tmp_path / "cache")

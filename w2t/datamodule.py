@@ -95,6 +95,7 @@ class AdapterDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.hp = self.hparams
         self._tokens: dict[int, Tokens] = {}
+        self._modules: dict[int, list] = {}  # canonical modules read by setup, not yet tokenized
 
     # ---- setup -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -139,7 +140,9 @@ class AdapterDataModule(L.LightningDataModule):
         if hp.schema is not None:
             self.schema = TokenSchema.from_dict(hp.schema)
         else:
-            self.schema = TokenSchema.from_modules(m for e in self.entries for m in load_entry(e))
+            # read every entry once here; tokens() consumes these instead of reading them again
+            self._modules = {row: load_entry(e) for row, e in enumerate(self.entries)}
+            self.schema = TokenSchema.from_modules(m for mods in self._modules.values() for m in mods)
         self.targets, self.info = self._encode_targets()
 
     def _check_columns(self) -> None:
@@ -175,7 +178,10 @@ class AdapterDataModule(L.LightningDataModule):
     # ---- items -------------------------------------------------------------------------------
     def tokens(self, row: int) -> Tokens:
         if row not in self._tokens:
-            toks, _ = tokenize(load_entry(self.entries[row]), self.schema, strict=False)
+            modules = self._modules.pop(row, None) or load_entry(self.entries[row])
+            toks, unknown = tokenize(modules, self.schema, strict=False)
+            if unknown:
+                log.warning("%s: modules outside the schema are masked: %s", self.entries[row], "; ".join(unknown))
             self._tokens[row] = toks
         return self._tokens[row]
 

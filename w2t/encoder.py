@@ -2,12 +2,11 @@
 
 Built to learn from a few hundred adapters: every parameter is shared across layers (one u- and
 one v-projection per module *type*, never per position), and each module token also carries a
-learned bilinear sketch Σᵢ σᵢ (Pᵤuᵢ) ⊙ (Pᵥvᵢ) = diag(Pᵤ ΔW Pᵥᵀ), a linear read-out of ΔW that is
+learned bilinear sketch Pᵤ ΔW Pᵥᵀ = Σᵢ σᵢ (Pᵤuᵢ)(Pᵥvᵢ)ᵀ (k×k), a linear read-out of ΔW that is
 invariant to every factorization, sign and rank order by construction.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch

@@ -33,7 +33,7 @@ def build_datamodule(cfg: DictConfig, eval_gallery: bool) -> AdapterDataModule:
 def _callbacks(cfg: DictConfig, model: AdapterModel) -> list[L.Callback]:
     monitor, mode = model.monitor
     out = []
-    for name, cb in (cfg.get("callbacks") or {}).items():
+    for cb in (cfg.get("callbacks") or {}).values():
         if cb is None:
             continue
         extra = {"monitor": monitor, "mode": mode} if "monitor" in cb and cb.monitor is None else {}
