@@ -141,3 +141,71 @@ def test_sign_rule_is_a_real_rule():
     assert torch.all(sign_margin(ref) >= 0)
     d = (ref.U.pow(3).sum(0) + ref.V.pow(3).sum(0))
     assert torch.all(d >= 0)
+
+
+# --- the Gram/Cholesky QR path (method="auto") against the Householder reference -----------------
+
+
+def ill_conditioned(m=300, n=200, r=8, cond=1e6, seed=0, k=3):
+    """k modules whose B has condition number `cond` (A is well conditioned)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(k, r, n, generator=g, dtype=F64)
+    Q, _ = torch.linalg.qr(torch.randn(k, m, r, generator=g, dtype=F64))
+    B = Q * torch.logspace(0, -math.log10(cond), r, dtype=F64) @ random_gl(r, 1.0, seed)
+    return A, B
+
+
+def check_form(form, A, B, scale, atol_orth=1e-12):
+    ref = scale * B @ A
+    rel = ((form.delta() - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max()
+    assert rel < 1e-10
+    eye = torch.eye(A.shape[-2], dtype=F64)
+    keep = form.mask.to(F64)
+    for X in (form.U, form.V):  # orthonormal columns (masked ones are zero)
+        assert (X.mT @ X - eye * keep.unsqueeze(-1)).abs().max() < atol_orth
+
+
+@pytest.mark.parametrize("cond", [1.0, 50.0, 1e4, 1e6, 1e9])
+def test_auto_matches_householder(cond):
+    """One pass (κ ≤ 100), CholeskyQR2 (1e4, 1e6) and the Householder fallback (1e9) all agree."""
+    A, B = ill_conditioned(cond=cond, seed=int(math.log10(cond)))
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    auto = canonicalize(A, B, scale, rtol=1e-13)  # keep every component, however small
+    ref = canonicalize(A, B, scale, rtol=1e-13, method="householder")
+    assert auto.mask.all() and ref.mask.all()
+    check_form(auto, A, B, scale.reshape(-1, 1, 1))
+    # singular vectors are accurate to about ε·‖ΔW‖/gap, and the spectrum here spans `cond`
+    tol = max(1e-12, 1e-14 * cond)
+    assert (auto.U - ref.U).abs().max() < tol and (auto.V - ref.V).abs().max() < tol
+    assert ((auto.S - ref.S).abs() / ref.S[..., :1]).max() < 1e-13
+
+
+def test_fallback_redoes_only_bad_modules():
+    """A batch mixing healthy modules, a rank-deficient one and B = 0: each equals its own result."""
+    As, Bs = zip(*(factors(seed=s) for s in range(4)))
+    A, B = torch.stack(As), torch.stack(Bs)
+    B[1, :, 3] = B[1, :, 0]  # rank 5: Cholesky of BᵀB fails (or is not trustworthy)
+    B[2] = 0.0  # untrained adapter: everything masked
+    batch = canonicalize(A, B, 1.5)
+    assert batch.mask[0].all() and batch.mask[3].all()
+    assert batch.mask[1].tolist() == [True] * 5 + [False] and not batch.mask[2].any()
+    for k in range(4):
+        one = canonicalize(A[k], B[k], 1.5, method="householder")
+        same_tokens(one, type(one)(batch.U[k], batch.S[k], batch.V[k], batch.mask[k]), 1e-12)
+
+
+def test_bf16_factors_auto_matches_householder():
+    """bf16 storage (as in real files): the float64 result does not depend on the QR method."""
+    g = torch.Generator().manual_seed(11)
+    A = (torch.randn(6, 16, 512, generator=g) / 20).to(torch.bfloat16)
+    B = (torch.randn(6, 384, 16, generator=g) / 16).to(torch.bfloat16)
+    auto = canonicalize(A, B, 2.0)
+    ref = canonicalize(A, B, 2.0, method="householder")
+    same_tokens(auto, ref, 1e-12)
+    check_form(auto, A.double(), B.double(), 2.0)
+
+
+def test_unknown_method_rejected():
+    A, B = factors()
+    with pytest.raises(ValueError, match="method"):
+        canonicalize(A, B, method="cholesky")

@@ -74,7 +74,8 @@ def paths(tiny) -> list[str]:
 def test_export_reloads_in_a_fresh_process_bitwise(run_dir, tiny, data_dir, paths, tmp_path, capsys):
     encoder = W2TEncoder.from_pretrained(run_dir / "encoder")
     config = json.loads((run_dir / "encoder" / "config.json").read_text())
-    assert config["canonicalization"] == {"version": 1, "sign_rule": True, "rtol": 1e-6} and config["w2t_version"]
+    assert config["canonicalization"] == {"version": 1, "sign_rule": True, "rtol": 1e-6,
+                                           "representation": "canonical"} and config["w2t_version"]
     expected = encoder.embed(paths)
     assert expected.shape == (len(paths), encoder.dim) and torch.isfinite(expected).all()
     dm = AdapterDataModule(root=str(tiny), data_dir=str(data_dir), schema=encoder.schema.to_dict())

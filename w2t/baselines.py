@@ -13,10 +13,13 @@ import hashlib
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.multioutput import MultiOutputClassifier
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from w2t.adapter import Adapter
-from w2t.tokens import TokenSchema, Tokens
+from w2t.tokens import GroupSpec, TokenSchema, Tokens
 
 
 def _seeded(name: str, seed: int) -> torch.Generator:
@@ -24,14 +27,20 @@ def _seeded(name: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def sketch_matrices(group: GroupSpec, k: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed Gaussian projections (Rᵤ: m×k, Rᵥ: n×k) of one module type, seeded by its name."""
+    gen = _seeded(group.name, seed)
+    Ru = torch.randn(group.m, k, generator=gen, dtype=torch.float64) / group.m**0.5
+    Rv = torch.randn(group.n, k, generator=gen, dtype=torch.float64) / group.n**0.5
+    return Ru, Rv
+
+
 def sketch_features(tokens: Tokens, schema: TokenSchema, k: int = 8, seed: int = 0) -> torch.Tensor:
     """(B, F) features: per module position, the k×k sketch Rᵤᵀ U diag(S) Vᵀ Rᵥ (zeros when absent)."""
     feats = []
     for g in schema.groups:
         t = tokens[g.name]
-        gen = _seeded(g.name, seed)
-        Ru = torch.randn(g.m, k, generator=gen, dtype=torch.float64) / g.m**0.5
-        Rv = torch.randn(g.n, k, generator=gen, dtype=torch.float64) / g.n**0.5
+        Ru, Rv = sketch_matrices(g, k, seed)
         s = (t["s"] * t["mask"]).double()  # (B, L, R)
         pu = t["u"].double() @ Ru  # (B, L, R, k)
         pv = t["v"].double() @ Rv  # (B, L, R, k)
@@ -56,19 +65,46 @@ def raw_features(adapter: Adapter, schema: TokenSchema) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def linear_baseline(task: str, X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Fit on the training split; return class probabilities (classification) or predictions."""
-    scaler = StandardScaler().fit(X_train)
-    Xtr, Xte = scaler.transform(X_train), scaler.transform(X_test)
+ESTIMATORS = ("linear", "knn")
+
+
+def make_estimator(task: str, kind: str = "linear", seed: int = 0, multilabel: bool = False):
+    """A scikit-learn pipeline (standardize → estimator) for a task: `linear` is logistic regression
+    (C=0.1) or RidgeCV; `knn` is a 5-nearest-neighbour vote or average."""
+    if kind not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {kind!r}")
     if task == "performance":
-        return RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(Xtr, y_train).predict(Xte)
-    if y_train.ndim == 2:  # multi-label: one logistic model per column
-        return np.stack([_logistic(Xtr, y_train[:, j], Xte, seed)[:, -1] for j in range(y_train.shape[1])], 1)
-    return _logistic(Xtr, y_train, Xte, seed)
+        est = RidgeCV(alphas=np.logspace(-2, 4, 13)) if kind == "linear" else KNeighborsRegressor(5, weights="distance")
+    else:
+        est = (LogisticRegression(C=0.1, max_iter=2000, random_state=seed) if kind == "linear"
+               else KNeighborsClassifier(5, weights="distance"))
+        if multilabel:
+            est = MultiOutputClassifier(est)
+    return make_pipeline(StandardScaler(), est)
 
 
-def _logistic(Xtr, ytr, Xte, seed):
-    clf = LogisticRegression(C=0.1, max_iter=2000, random_state=seed).fit(Xtr, ytr)
-    proba = np.zeros((len(Xte), int(max(ytr.max() + 1, 2))))
-    proba[:, clf.classes_.astype(int)] = clf.predict_proba(Xte)
-    return proba
+def estimator_outputs(est, X: np.ndarray, task: str, n_outputs: int = 0, multilabel: bool = False) -> torch.Tensor:
+    """What the task's `evaluate` takes: predictions (performance) or logits over all `n_outputs` classes."""
+    if task == "performance":
+        return torch.as_tensor(est.predict(X), dtype=torch.float32)
+    if multilabel:  # one binary model per label: logit of P(label = 1)
+        p = np.stack([pr[:, -1] if pr.shape[1] > 1 else np.zeros(len(X)) for pr in est.predict_proba(X)], 1)
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32)
+    proba = np.full((len(X), n_outputs), 1e-7)
+    proba[:, est.classes_.astype(int)] = np.clip(est.predict_proba(X), 1e-7, None)
+    return torch.as_tensor(np.log(proba), dtype=torch.float32)
+
+
+def fit_estimator(task_head, task: str, X: np.ndarray, split: dict, kind: str = "linear", seed: int = 0):
+    """Fit `make_estimator` on features X of a split (`DataModule.whole_split`), with the task's targets."""
+    multilabel = getattr(task_head, "multilabel", False)
+    key = "target" if task == "performance" else ("labels" if multilabel else "label")
+    return make_estimator(task, kind, seed, multilabel).fit(X, split[key].numpy())
+
+
+def fit_outputs(task_head, task: str, X_train: np.ndarray, train: dict, X_test: np.ndarray, kind: str = "linear",
+                seed: int = 0) -> torch.Tensor:
+    """Fit on the training split, return the task's outputs on X_test (scored with `task_head.evaluate`)."""
+    est = fit_estimator(task_head, task, X_train, train, kind, seed)
+    return estimator_outputs(est, X_test, task, getattr(task_head, "n", 0), getattr(task_head, "multilabel", False))

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from w2t.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule, canonicalize_adapter
+from w2t.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule
 from w2t.errors import W2TError
 from w2t.formats import load_adapter
 from w2t.progress import progress
+from w2t.representation import REPRESENTATIONS, adapter_components
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,14 @@ class CacheOptions:
     rtol: float = DEFAULT_RTOL
     sign_rule: bool = True
     allow_pickle: bool = False
+    representation: str = "canonical"  # or "raw" (w2t/representation.py): the ablation models' input
     device: str | None = None  # where to canonicalize ("cuda"); not in the tag: tokens don't depend on it
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
 
     @property
     def tag(self) -> str:
@@ -111,7 +115,8 @@ def _build_one(args: tuple[str, str, str, CacheOptions]) -> tuple[str, str | Non
     adapter_id, src, target, opts = args
     try:
         adapter = load_adapter(src, allow_pickle=opts.allow_pickle)
-        modules = canonicalize_adapter(adapter, rtol=opts.rtol, sign_rule=opts.sign_rule, device=opts.device)
+        modules = adapter_components(adapter, opts.representation, rtol=opts.rtol, sign_rule=opts.sign_rule,
+                                     device=opts.device)
         save_entry(Path(target), modules, DTYPES[opts.dtype])
         return adapter_id, None
     except W2TError as e:

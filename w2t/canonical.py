@@ -1,6 +1,11 @@
 """Canonical form of a LoRA update (DESIGN §2): the thin SVD of ΔW = s·B·A without forming ΔW.
 
 QR of B and Aᵀ reduces the problem to the SVD of an r×r core, so the cost is O((m+n)·r²).
+The thin QRs come from Gram matrices and Cholesky (CholeskyQR, a second pass, CholeskyQR2, when a
+factor is not well conditioned, Householder QR when even that is not accurate): batched matmuls
+over all modules of one shape, in float64, and Q is never formed — U and V are one batched
+r×r·r×m product each. Only two passes over each m×r panel are unavoidable (its Gram matrix, then
+the product); everything else is r×r work. See `canonicalize` for the accuracy rule.
 Every factorization (B·G, G⁻¹·A), G ∈ GL(r), of the same ΔW gives the same result up to the
 three leftovers handled here:
 
@@ -16,6 +21,7 @@ three leftovers handled here:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,34 +64,161 @@ def canonicalize(
     *,
     rtol: float = DEFAULT_RTOL,
     sign_rule: bool = True,
+    method: str = "auto",
 ) -> CanonicalForm:
     """Canonicalize ΔW = scale·B@A for A (…, r, n), B (…, m, r) and scale () or (…,).
 
     Works on one module or a batch of same-shaped modules in one call (batched QR/SVD), on the
-    device the factors live on. Computes in float64 and returns float64.
+    device the factors live on. Computes in float64 and returns float64. `U` and `V` are returned
+    as transposed views of contiguous (…, r, m) and (…, r, n) tensors (rows uᵢ, vᵢ contiguous, as
+    tokens want them).
+
+    `method="auto"` takes the thin QRs from Gram matrices and Cholesky (batched matmuls only, no
+    Q formed): one pass when every factor of the batch is well conditioned (κ ≤ 100), else
+    CholeskyQR2 (a second pass); every module whose Cholesky fails or whose second pass would not
+    be orthogonal to rounding level (rank-deficient or very ill-conditioned factors, B = 0) is
+    redone by Householder QR. `method="householder"` uses Householder QR for all (the reference).
     """
     if A.ndim < 2 or B.ndim < 2 or A.shape[-2] != B.shape[-1] or A.shape[:-2] != B.shape[:-2]:
         raise ValueError(f"canonicalize: need A (…, r, n) and B (…, m, r); got {tuple(A.shape)} and {tuple(B.shape)}")
+    if method not in ("auto", "householder"):
+        raise ValueError(f"canonicalize: method must be 'auto' or 'householder', got {method!r}")
+    # Everything below works on the "wide" layouts A (k, r, n) and Bᵀ (k, r, m): Gram matrices and
+    # products of r×r matrices with r×m panels are the fastest batched-matmul shapes on CPU, and
+    # rows uᵢ, vᵢ come out contiguous. Pass B as `Bt.mT` (a view) to avoid any transposing copy.
     A64 = A.to(torch.float64)
-    B64 = B.to(torch.float64)
+    Bt64 = B.mT.to(torch.float64)
     s = torch.as_tensor(scale, dtype=torch.float64, device=A.device)
-    s = s.reshape(s.shape + (1, 1))  # broadcast over the r×r core
+    batch = A.shape[:-2]
+    k = math.prod(batch)  # 1 for a single module
+    s = s.reshape(s.shape + (1, 1)).expand(*batch, 1, 1).reshape(k, 1, 1)  # broadcast over the r×r core
+    A64, Bt64 = A64.reshape(k, *A.shape[-2:]), Bt64.reshape(k, *Bt64.shape[-2:])
 
-    Q_B, R_B = torch.linalg.qr(B64)  # (…, m, r), (…, r, r)
-    Q_A, R_A = torch.linalg.qr(A64.transpose(-1, -2))  # (…, n, r), (…, r, r)
-    core = s * (R_B @ R_A.transpose(-1, -2))  # (…, r, r)
-    Uc, S, Vch = torch.linalg.svd(core)  # descending S
-    U = Q_B @ Uc  # (…, m, r)
-    V = Q_A @ Vch.transpose(-1, -2)  # (…, n, r)
+    if method == "householder":
+        Lb, Yb, La, Ya, S = _svd_householder(A64, Bt64, s, rtol)
+        fix = None
+    else:
+        Lb, Yb, La, Ya, S, ok = _svd_cholqr(A64, Bt64, s, rtol)
+        fix = None
+        if not bool(ok.all()):  # redo, by Householder QR, the modules the Gram QR cannot handle
+            bad = (~ok).nonzero().squeeze(-1)
+            fix = bad, *_svd_householder(A64[bad], Bt64[bad], s[bad], rtol)
+            S[bad] = fix[-1]
+    Ut, Vt = _products(Lb, Yb, La, Ya, fix, sign_rule)
 
+    mask = _mask_factor(S, rtol) > 0
+    S = S * mask.to(S.dtype)  # masked components of U, V are already exactly zero (_mask_factor)
+    return CanonicalForm(
+        U=Ut.reshape(*batch, *Ut.shape[-2:]).transpose(-1, -2),
+        S=S.reshape(*batch, S.shape[-1]),
+        V=Vt.reshape(*batch, *Vt.shape[-2:]).transpose(-1, -2),
+        mask=mask.reshape(*batch, mask.shape[-1]),
+    )
+
+
+# Uᵀ = Cb·Yb and Vᵀ = Ca·Ya are formed, and the sign rule applied, a few modules at a time so that
+# the chunk is still in cache when its cubes are summed and its signs flipped (one memory pass).
+_CHUNK_BYTES = 3 << 20
+
+
+def _products(Lb, Yb, La, Ya, fix, sign_rule):
+    """Uᵀ (k, r, m) = Lb @ Yb and Vᵀ (k, r, n) = La @ Ya, then the rows of `fix`, then the sign rule."""
+    k, r = Lb.shape[:2]
+    Ut = Yb.new_empty(k, r, Yb.shape[-1])
+    Vt = Ya.new_empty(k, r, Ya.shape[-1])
+    fused = sign_rule and fix is None
+    step = max(1, _CHUNK_BYTES // (8 * r * (Yb.shape[-1] + Ya.shape[-1])))
+    for i in range(0, k, step):  # a loop over chunks of modules, not over modules
+        c = slice(i, i + step)
+        torch.matmul(Lb[c], Yb[c], out=Ut[c])
+        torch.matmul(La[c], Ya[c], out=Vt[c])
+        if fused:
+            _apply_sign_rule_(Ut[c], Vt[c])
+    if fix is not None:
+        bad, lb, yb, la, ya, _ = fix
+        Ut[bad], Vt[bad] = lb @ yb, la @ ya
+        if sign_rule:
+            _apply_sign_rule_(Ut, Vt)
+    return Ut, Vt
+
+
+def _apply_sign_rule_(Ut: torch.Tensor, Vt: torch.Tensor) -> None:
+    """Flip, in place, each component (uᵢ, vᵢ) whose deciding quantity dᵢ is negative."""
+    flip = torch.where(_deciding_quantity_t(Ut, Vt) < 0, -1.0, 1.0).to(Ut.dtype).unsqueeze(-1)
+    Ut.mul_(flip)
+    Vt.mul_(flip)
+
+
+def _deciding_quantity_t(Ut: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
+    """dᵢ = Σ uᵢ³ + Σ vᵢ³ for Uᵀ (k, r, m) and Vᵀ (k, r, n), with one temporary per side."""
+    return Ut.square().mul_(Ut).sum(-1) + Vt.square().mul_(Vt).sum(-1)
+
+
+def _mask_factor(S: torch.Tensor, rtol: float) -> torch.Tensor:
+    """1 for kept components, 0 for masked ones (σᵢ ≤ rtol·σ₁, or σ₁ = 0)."""
     top = S[..., :1]
-    mask = (S > rtol * top) & (top > 0)
-    factor = mask.to(U.dtype)  # zero the masked components...
-    if sign_rule:  # ...and flip the others to the sign rule, in one in-place pass over U and V
-        factor = factor * torch.where(_deciding_quantity(U, V) < 0, -1.0, 1.0).to(U.dtype)
-    U.mul_(factor.unsqueeze(-2))
-    V.mul_(factor.unsqueeze(-2))
-    return CanonicalForm(U=U, S=S * mask.to(S.dtype), V=V, mask=mask)
+    return ((S > rtol * top) & (top > 0)).to(S.dtype)
+
+
+def _svd_householder(A64, Bt64, s, rtol):
+    """Reference path: Householder QR of B and Aᵀ and SVD of the core.
+
+    Returns (Cb, Yb, Ca, Ya, S) with Uᵀ = Cb @ Yb = U'ᵀ Q_Bᵀ and Vᵀ = Ca @ Ya = V'ᵀ Q_Aᵀ.
+    """
+    Q_B, R_B = torch.linalg.qr(Bt64.mT)  # (k, m, r), (k, r, r)
+    Q_A, R_A = torch.linalg.qr(A64.mT)  # (k, n, r), (k, r, r)
+    Uc, S, Vch = torch.linalg.svd(s * (R_B @ R_A.mT))  # descending S
+    f = _mask_factor(S, rtol).unsqueeze(-1)  # masked components come out exactly zero
+    return Uc.mT * f, Q_B.mT, Vch * f, Q_A.mT, S
+
+
+# A Gram (Cholesky) QR done once leaves Q orthogonal to about √m·ε·κ(X)²; we accept one pass when
+# the cheap upper bound κ_F(R) = ‖R‖_F‖R⁻¹‖_F ≥ κ₂(X) is at most this (error ≲ 1e-10 at worst,
+# ~1e-14 for typical LoRA factors with κ ≈ 1–20), and otherwise run the second pass.
+_ONE_PASS_KAPPA = 100.0
+# The second pass (CholeskyQR2) restores orthogonality to rounding level when its Gram matrix
+# Q₁ᵀQ₁ is this close to I (max entry, i.e. κ(X) ≲ 1e7); beyond it, or when a Cholesky fails
+# (rank-deficient factors, B = 0), the module is redone by Householder QR.
+_CHOLQR_TOL = 1e-2
+
+
+def _gram_qr(Xt: torch.Tensor):
+    """Thin QR X = Q R of X = Xtᵀ, Xt (k, r, m), by Gram/Cholesky, without forming Q.
+
+    Returns (Yt, R, L, ok) with Qᵀ = L⁻¹ Yt (L lower triangular r×r): Yt is Xt itself after one
+    pass (when every module of the batch is well conditioned), or Q₁ᵀ = L₁⁻¹ Xt after the second
+    (CholeskyQR2); ok (k,) is False where the result is not trustworthy (see _CHOLQR_TOL).
+    """
+    eye = torch.eye(Xt.shape[-2], dtype=Xt.dtype, device=Xt.device)
+    L1, info1 = torch.linalg.cholesky_ex(Xt @ Xt.mT)  # XᵀX = L₁L₁ᵀ, R₁ = L₁ᵀ
+    ok = info1 == 0
+    if not bool(ok.all()):
+        L1[~ok] = eye  # finite placeholder; these modules are redone by the caller
+    L1inv = torch.linalg.solve_triangular(L1, eye, upper=False)
+    kappa_f = torch.linalg.matrix_norm(L1) * torch.linalg.matrix_norm(L1inv)  # ≥ κ₂(X)
+    if bool((ok & (kappa_f <= _ONE_PASS_KAPPA)).all()):
+        return Xt, L1.mT, L1, ok
+    Q1t = torch.linalg.solve_triangular(L1, Xt, upper=False)  # L₁⁻¹ Xt = (X R₁⁻¹)ᵀ, backward stable
+    G2 = Q1t @ Q1t.mT
+    L2, info2 = torch.linalg.cholesky_ex(G2)
+    ok &= (info2 == 0) & ((G2 - eye).abs().amax((-2, -1)) <= _CHOLQR_TOL)  # NaN fails too
+    if not bool(ok.all()):
+        L2[~ok] = eye
+    return Q1t, L2.mT @ L1.mT, L2, ok  # R = R₂ R₁
+
+
+def _svd_cholqr(A64, Bt64, s, rtol):
+    """Gram-QR path: (Cb, Yb, Ca, Ya, S, ok) with Uᵀ = Cb @ Yb, Vᵀ = Ca @ Ya, ok (k,) as in _gram_qr.
+
+    Uᵀ = U'ᵀ Q_Bᵀ = (L_B⁻ᵀ U')ᵀ Y_B and Vᵀ = (L_A⁻ᵀ V')ᵀ Y_A: one batched r×r·r×m matmul per side.
+    """
+    Ybt, Rb, Lb, okb = _gram_qr(Bt64)
+    Yat, Ra, La, oka = _gram_qr(A64)
+    Uc, S, Vch = torch.linalg.svd(s * (Rb @ Ra.mT))  # descending S
+    f = _mask_factor(S, rtol).unsqueeze(-2)  # masked components come out exactly zero
+    Cb = torch.linalg.solve_triangular(Lb.mT, Uc * f, upper=True)  # L⁻ᵀ U'
+    Ca = torch.linalg.solve_triangular(La.mT, Vch.mT * f, upper=True)  # L⁻ᵀ V'
+    return Cb.mT, Ybt, Ca.mT, Yat, S, okb & oka
 
 
 @dataclass
@@ -105,11 +238,9 @@ class CanonicalModule:
 
 
 def _stack64(mats: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack and convert to float64 in one allocation (big adapters are bound by memory traffic)."""
+    """Stack and convert to float64 in one C++ call and one allocation (one pass over the data)."""
     out = torch.empty((len(mats), *mats[0].shape), dtype=torch.float64, device=device)
-    for i, m in enumerate(mats):
-        out[i].copy_(m)
-    return out
+    return torch.stack([m.to(device) for m in mats] if device is not None else mats, out=out)
 
 
 def canonicalize_adapter(
@@ -118,11 +249,15 @@ def canonicalize_adapter(
     rtol: float = DEFAULT_RTOL,
     sign_rule: bool = True,
     device: torch.device | str | None = None,
+    method: str = "auto",
 ) -> list[CanonicalModule]:
     """Canonicalize every module of an adapter, one batched call per (shape, rank) bucket.
 
     Modules of one type share a shape, so a transformer adapter costs a handful of batched
-    QR/SVD calls instead of one per module.
+    Gram/Cholesky/SVD calls instead of one per module; the per-module work left in Python is
+    building the result list (views into the batched outputs). Factors are stacked and converted to
+    float64 in one pass per bucket, whatever their dtype (pass `load_adapter(..., dtype=torch.bfloat16)`
+    for bf16 files to skip load_adapter's float32 copy). `method` as in `canonicalize`.
     """
     buckets: dict[tuple[int, int, int], list[int]] = {}
     for i, mod in enumerate(adapter.modules):
@@ -131,9 +266,9 @@ def canonicalize_adapter(
     for idx in buckets.values():
         mods = [adapter.modules[i] for i in idx]
         A = _stack64([m.A for m in mods], device)  # (k, r, n)
-        B = _stack64([m.B for m in mods], device)  # (k, m, r)
+        B = _stack64([m.B.mT for m in mods], device).mT  # (k, m, r), stored as (k, r, m)
         scale = torch.tensor([m.scale for m in mods], dtype=torch.float64, device=A.device)
-        form = canonicalize(A, B, scale, rtol=rtol, sign_rule=sign_rule)
+        form = canonicalize(A, B, scale, rtol=rtol, sign_rule=sign_rule, method=method)
         U, S, V, mask = (t.cpu() for t in (form.U, form.S, form.V, form.mask))
         for j, (i, mod) in enumerate(zip(idx, mods)):
             out[i] = CanonicalModule(mod.module_type, mod.layer, U[j], S[j], V[j], mask[j])

@@ -81,6 +81,7 @@ class AdapterDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cache_dtype: str = "float32",
         sign_rule: bool = True,
+        representation: str = "canonical",
         strict: bool = False,
         allow_pickle: bool = False,
         cache_workers: int | None = None,
@@ -113,7 +114,8 @@ class AdapterDataModule(L.LightningDataModule):
         root = self._root()
         table = read_metadata(root)
         cache = TokenCache(hp.cache_dir or Path(hp.data_dir) / "cache",
-                           CacheOptions(dtype=hp.cache_dtype, sign_rule=hp.sign_rule, allow_pickle=hp.allow_pickle))
+                           CacheOptions(dtype=hp.cache_dtype, sign_rule=hp.sign_rule, allow_pickle=hp.allow_pickle,
+                                        representation=hp.representation))
         report = cache.build(list(zip(table["adapter_id"].astype(str), table["abs_path"])), workers=hp.cache_workers,
                              strict=hp.strict)
         self.cache_report = report

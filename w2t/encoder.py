@@ -7,7 +7,7 @@ invariant to every factorization, sign and rank order by construction.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ class EncoderConfig:
     rank_encoder: bool = True  # one attention layer across the ranks of each module
     log_sigma: bool = True  # σ enters as log-scaled features (absolute update size is informative)
     sign_invariant: bool = False  # drop sign-carrying features (use when the sign rule is off)
+    sign_flip: bool = False  # augmentation: flip (uᵢ, vᵢ) -> (-uᵢ, -vᵢ) at random while training (sign rule off)
     dropout: float = 0.1
     component_dropout: float = 0.0  # training-time masking of whole rank components
     sketch_dim: int = 8  # k of the learned bilinear sketch Pᵤ ΔW Pᵥᵀ (k×k per module); 0 turns it off
@@ -54,7 +55,35 @@ class SigmaFeatures(nn.Module):
         return self.proj(torch.cat([torch.sin(x), torch.cos(x), ls / 10], -1))
 
 
+class ModulePositions(nn.Module):
+    """Binds a module token to its (type, layer) position, with parameters per type and per layer
+    (never per position). The binding is mostly multiplicative, so a mean over modules still keeps
+    which module said what; the additive part is small, so that at initialisation adapters differ
+    by their content, not by a shared offset."""
+
+    def __init__(self, schema: TokenSchema, d: int):
+        super().__init__()
+        self.type_emb = nn.Parameter(0.02 * torch.randn(len(schema.groups), d))
+        self.layer_emb = nn.Parameter(0.02 * torch.randn(schema.max_layer + 1, d))
+        self.pos_gain = nn.Parameter(torch.randn(len(schema.groups), d))
+        self.gain_emb = nn.Parameter(torch.randn(schema.max_layer + 1, d))
+        for i, g in enumerate(schema.groups):
+            self.register_buffer(f"layers_{i}", torch.tensor(g.layers), persistent=False)
+
+    def forward(self, i: int, tok: torch.Tensor) -> torch.Tensor:  # tokens (B, L, d) of group i
+        layers = getattr(self, f"layers_{i}")
+        return tok * (1 + self.pos_gain[i] * self.gain_emb[layers]) + self.type_emb[i] + self.layer_emb[layers]
+
+
+def pool_modules(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Masked mean (B, d) of module tokens x (B, M, d) over present (B, M) positions."""
+    w = present.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1)
+
+
 class W2TEncoder(nn.Module, PretrainedMixin):
+    arch = "w2t"
+
     def __init__(self, schema: TokenSchema, config: EncoderConfig | None = None):
         super().__init__()
         self.schema = schema
@@ -76,14 +105,8 @@ class W2TEncoder(nn.Module, PretrainedMixin):
             self.sketch_u = nn.ParameterList(nn.Parameter(torch.randn(g.m, k) / g.m**0.5) for g in schema.groups)
             self.sketch_v = nn.ParameterList(nn.Parameter(torch.randn(g.n, k) / g.n**0.5) for g in schema.groups)
             self.sketch_in = nn.Sequential(nn.Linear(k * k, d), nn.GELU(), nn.Linear(d, d))
-        # small position embeddings: at init, adapters must differ by their content, not by a shared offset
-        self.type_emb = nn.Parameter(0.02 * torch.randn(len(schema.groups), d))
-        self.layer_emb = nn.Parameter(0.02 * torch.randn(schema.max_layer + 1, d))
-        self.pos_gain = nn.Parameter(torch.randn(len(schema.groups), d))
-        self.gain_emb = nn.Parameter(torch.randn(schema.max_layer + 1, d))
+        self.positions = ModulePositions(schema, d)
         self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d)) if cfg.pool == "cls" else None
-        for i, g in enumerate(schema.groups):
-            self.register_buffer(f"layers_{i}", torch.tensor(g.layers), persistent=False)
         self.module_norm = nn.LayerNorm(d)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
         self.modules_tf = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False) if cfg.depth else None
@@ -99,6 +122,9 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         u, v, s, mask = t["u"], t["v"], t["s"], t["mask"]  # (B,L,R,m) (B,L,R,n) (B,L,R) (B,L,R)
         if self.training and cfg.component_dropout > 0:
             mask = mask & (torch.rand_like(s) >= cfg.component_dropout)
+        if self.training and cfg.sign_flip:
+            flip = torch.where(torch.rand_like(s) < 0.5, -1.0, 1.0).unsqueeze(-1).to(u.dtype)
+            u, v = u * flip, v * flip
         B, L, R = s.shape
         g = self.schema.groups[i]
         a = self.proj_u[i](u * g.m**0.5)  # (B, L, R, d); unit vectors rescaled to O(1) entries
@@ -121,9 +147,7 @@ class W2TEncoder(nn.Module, PretrainedMixin):
             sv = (v * g.n**0.5) @ self.sketch_v[i]  # (B, L, R, k)
             sk = torch.einsum("blri,blr,blrj->blij", su, s * mask, sv).flatten(2)  # (B, L, k²) = Pᵤ ΔW Pᵥᵀ
             tok = tok + self.sketch_in(_signed_log(sk))
-        pos = self.type_emb[i] + self.layer_emb[getattr(self, f"layers_{i}")]  # (L, d)
-        # position binds multiplicatively: a mean over modules then keeps which module said what
-        tok = self.module_norm(tok) * (1 + self.pos_gain[i] * self.gain_emb[getattr(self, f"layers_{i}")]) + pos
+        tok = self.positions(i, self.module_norm(tok))
         return tok * present.reshape(B, L, 1), present.reshape(B, L)
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
@@ -139,11 +163,4 @@ class W2TEncoder(nn.Module, PretrainedMixin):
             x = self.modules_tf(x, src_key_padding_mask=~(p | none))
         if self.cls is not None:
             return self.out_norm(x[:, 0])
-        w = p.unsqueeze(-1).to(x.dtype)
-        return self.out_norm((x * w).sum(1) / w.sum(1).clamp_min(1))
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def config_dict(self) -> dict:
-        return {"encoder": asdict(self.config), "schema": self.schema.to_dict()}
+        return self.out_norm(pool_modules(x, p))

@@ -12,9 +12,11 @@ from dataclasses import asdict
 import lightning as L
 import numpy as np
 import torch
+import torch.nn as nn
 
 from w2t.datamodule import DataInfo
-from w2t.encoder import EncoderConfig, W2TEncoder
+from w2t.encoder import W2TEncoder
+from w2t.models import build_encoder
 from w2t.errors import W2TError
 from w2t.tasks import TASKS
 from w2t.tokens import TokenSchema
@@ -27,6 +29,8 @@ class AdapterModel(L.LightningModule):
         self,
         task: str,
         info: dict,
+        arch: str = "w2t",
+        input: str = "canonical",
         encoder: dict | None = None,
         head: dict | None = None,
         lr: float = 1e-3,
@@ -39,16 +43,17 @@ class AdapterModel(L.LightningModule):
         self.save_hyperparameters()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-        self.encoder = self._build_encoder(TokenSchema.from_dict(info["schema"]), encoder or {}, pretrained)
+        self.encoder = self._build_encoder(TokenSchema.from_dict(info["schema"]), arch, encoder or {}, pretrained)
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.task = TASKS[task](self.encoder.dim, DataInfo(**info), **(head or {}))
         self._eval: list[dict] = []
 
-    def _build_encoder(self, schema: TokenSchema, encoder: dict, pretrained: str | None) -> W2TEncoder:
-        """A new encoder, or the exported one in `pretrained` (its architecture wins over `encoder`)."""
+    def _build_encoder(self, schema: TokenSchema, arch: str, encoder: dict, pretrained: str | None) -> nn.Module:
+        """A new encoder (`w2t.models.ENCODERS[arch]`), or the exported one in `pretrained` (its
+        architecture and input representation win over `arch`, `input` and `encoder`)."""
         if not pretrained:
-            return W2TEncoder(schema, EncoderConfig(**encoder))
+            return build_encoder(arch, schema, encoder)
         enc = W2TEncoder.from_pretrained(pretrained)
         if enc.schema != schema:
             raise W2TError("the data's token schema differs from the pretrained encoder's: tokenize the data with "
@@ -57,7 +62,8 @@ class AdapterModel(L.LightningModule):
         ignored = {k: v for k, v in encoder.items() if asdict(enc.config).get(k) != v}
         if ignored:
             log.warning("model.encoder options %s ignored: the pretrained encoder's architecture is used", ignored)
-        self.hparams["encoder"] = asdict(enc.config)  # so its checkpoints rebuild this architecture
+        # so its checkpoints rebuild this architecture and eval.py reads adapters as it was trained on them
+        self.hparams.update(encoder=asdict(enc.config), arch=enc.arch, input=enc.canon.representation)
         return enc
 
     def train(self, mode: bool = True) -> AdapterModel:

@@ -22,10 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from w2t.canonical import CANON_VERSION, DEFAULT_RTOL, canonicalize_adapter
+from w2t.canonical import CANON_VERSION, DEFAULT_RTOL
 from w2t.errors import SchemaError, W2TError
 from w2t.formats import load_adapter
 from w2t.progress import progress
+from w2t.representation import adapter_components
 from w2t.tokens import TokenSchema, Tokens, collate_tokens, tokenize
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class CanonOptions:
 
     sign_rule: bool = True
     rtol: float = DEFAULT_RTOL
+    representation: str = "canonical"  # "raw" for encoders trained on raw factors (ablations)
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,14 @@ class PretrainedConfig:
 
     encoder: dict
     schema: dict
+    arch: str = "w2t"  # key of w2t.models.ENCODERS
     canon: CanonOptions = CanonOptions()
     canon_version: int = CANON_VERSION
     w2t_version: str = "unknown"
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "w2t_version": self.w2t_version, "encoder": self.encoder, "schema": self.schema,
+        return {"format": FORMAT, "w2t_version": self.w2t_version, "arch": self.arch, "encoder": self.encoder,
+                "schema": self.schema,
                 "canonicalization": {"version": self.canon_version, **asdict(self.canon)}}
 
     @classmethod
@@ -67,7 +71,8 @@ class PretrainedConfig:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             canon = dict(raw["canonicalization"])
-            config = cls(encoder=raw["encoder"], schema=raw["schema"], canon_version=canon.pop("version"),
+            config = cls(encoder=raw["encoder"], schema=raw["schema"], arch=raw.get("arch", "w2t"),
+                         canon_version=canon.pop("version"),
                          canon=CanonOptions(**canon), w2t_version=raw.get("w2t_version", "unknown"))
         except FileNotFoundError:
             raise W2TError(f"no {CONFIG_FILE}: not an exported encoder folder (save_pretrained writes one)", path) from None
@@ -104,16 +109,27 @@ def fingerprint(directory: str | Path) -> str:
 
 
 class PretrainedMixin:
-    """`save_pretrained` / `from_pretrained` / `embed` for `W2TEncoder`."""
+    """`save_pretrained` / `from_pretrained` / `embed` for every encoder of `w2t.models.ENCODERS`.
 
+    An encoder defines `arch` (its registry key), `schema`, `config` (a dataclass) and `dim`.
+    """
+
+    arch: str = "w2t"
     canon: CanonOptions = CanonOptions()  # the options its training data used; from_pretrained sets the saved ones
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def config_dict(self) -> dict:
+        return {"arch": self.arch, "encoder": asdict(self.config), "schema": self.schema.to_dict()}
+
     def save_pretrained(self: W2TEncoder, directory: str | Path, *, sign_rule: bool | None = None,
-                        rtol: float | None = None) -> Path:
+                        rtol: float | None = None, representation: str | None = None) -> Path:
         """Write `model.safetensors` + `config.json`; `sign_rule`/`rtol` (default: `self.canon`) must be
         the canonicalization options the training data was built with."""
         canon = CanonOptions(self.canon.sign_rule if sign_rule is None else sign_rule,
-                             self.canon.rtol if rtol is None else rtol)
+                             self.canon.rtol if rtol is None else rtol,
+                             self.canon.representation if representation is None else representation)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = PretrainedConfig(**self.config_dict(), canon=canon, w2t_version=_w2t_version())
@@ -123,15 +139,20 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> W2TEncoder:
-        """Rebuild a saved encoder from its folder (safetensors + JSON only), in eval mode."""
-        from w2t.encoder import EncoderConfig  # not at import time: encoder.py imports this module
+        """Rebuild a saved encoder, of whatever architecture it was saved as, from its folder
+        (safetensors + JSON only), in eval mode."""
+        from w2t.models import ENCODERS  # not at import time: the encoders import this module
 
         config = PretrainedConfig.read(directory)
-        known = {f.name for f in fields(EncoderConfig)}
+        if config.arch not in ENCODERS:
+            raise W2TError(f"unknown encoder architecture {config.arch!r}; this w2t ({_w2t_version()}) knows "
+                           f"{sorted(ENCODERS)}", Path(directory) / CONFIG_FILE, "arch")
+        enc_cls, cfg_cls = ENCODERS[config.arch]
+        known = {f.name for f in fields(cfg_cls)}
         if unknown := set(config.encoder) - known:
             raise W2TError(f"encoder options {sorted(unknown)} are unknown to this w2t ({_w2t_version()}); "
                            f"the encoder was saved by w2t {config.w2t_version}", Path(directory) / CONFIG_FILE)
-        encoder = cls(TokenSchema.from_dict(config.schema), EncoderConfig(**config.encoder))
+        encoder = enc_cls(TokenSchema.from_dict(config.schema), cfg_cls(**config.encoder))
         encoder.canon = config.canon
         try:
             load_model(encoder, str(Path(directory) / WEIGHTS_FILE), strict=True, device=str(device))
@@ -146,7 +167,8 @@ class PretrainedMixin:
         Modules outside the schema are masked with a warning naming them; SchemaError when none fits.
         """
         adapter = load_adapter(path, allow_pickle=allow_pickle)
-        modules = canonicalize_adapter(adapter, rtol=self.canon.rtol, sign_rule=self.canon.sign_rule)
+        modules = adapter_components(adapter, self.canon.representation, rtol=self.canon.rtol,
+                                     sign_rule=self.canon.sign_rule)
         tokens, unknown = tokenize(modules, self.schema, strict=False, source=path)
         if len(unknown) == len(modules):
             raise SchemaError(f"none of its {len(modules)} modules fits this encoder's schema (an adapter of another "
@@ -217,4 +239,4 @@ class PretrainedMixin:
 def data_options(directory: str | Path) -> dict[str, Any]:
     """Data options a run fine-tuning this encoder must use: its schema and sign rule."""
     config = PretrainedConfig.read(directory)
-    return {"schema": config.schema, "sign_rule": config.canon.sign_rule}
+    return {"schema": config.schema, "sign_rule": config.canon.sign_rule, "representation": config.canon.representation}

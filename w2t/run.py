@@ -13,9 +13,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from w2t.baselines import linear_baseline, raw_features, sketch_features
+from w2t.baselines import fit_outputs, raw_features, sketch_features
 from w2t.datamodule import AdapterDataModule
 from w2t.formats import load_adapter
+from w2t.models.spectral import SpectralModel
 from w2t.module import AdapterModel
 from w2t.pretrained import data_options
 from w2t.report import print_results, save_plots
@@ -57,15 +58,7 @@ def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed
         return out
     train = dm.whole_split("train")
     X_train = sketch_features(train["tokens"], dm.schema, seed=seed).numpy()
-    if task == "performance":
-        pred = linear_baseline(task, X_train, train["target"].numpy(), sketch.numpy(), seed)
-        scores = model.task.evaluate(torch.as_tensor(pred), test)
-    else:
-        key = "labels" if model.task.multilabel else "label"
-        proba = linear_baseline(task, X_train, train[key].numpy(), sketch.numpy(), seed)
-        proba = np.clip(proba, 1e-7, 1 - 1e-7)
-        logits = np.log(proba / (1 - proba)) if model.task.multilabel else np.log(proba)
-        scores = model.task.evaluate(torch.as_tensor(logits), test)
+    scores = model.task.evaluate(fit_outputs(model.task, task, X_train, train, sketch.numpy(), seed=seed), test)
     return {f"test/baseline_sketch/{k}": float(v) for k, v in scores.items()}
 
 
@@ -77,13 +70,16 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     task = cfg.task.name
 
-    if cfg.model.get("pretrained"):  # tokenize the data as the pretrained encoder reads it (schema, sign rule)
-        with open_dict(cfg):
+    with open_dict(cfg):
+        cfg.data.representation = cfg.model.get("input", "canonical")  # what the model reads: canonical | raw
+        if cfg.model.get("pretrained"):  # tokenize the data as the pretrained encoder reads it
             cfg.data.update(data_options(cfg.model.pretrained))
     t0 = time.perf_counter()
     dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
     t_data = time.perf_counter() - t0
-    model: AdapterModel = instantiate(cfg.model, task=task, info=asdict(dm.info), head=cfg.task.get("head"), _convert_="all")
+    model = instantiate(cfg.model, task=task, info=asdict(dm.info), head=cfg.task.get("head"), _convert_="all")
+    if isinstance(model, SpectralModel):
+        return _fit_spectral(cfg, dm, model, out_dir, t_data)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s parameters (encoder %s)", f"{n_params:,}", f"{model.encoder.num_parameters():,}")
 
@@ -102,15 +98,47 @@ def train(cfg: DictConfig) -> float | None:
     test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True)[0]
     metrics = {k: float(v) for k, v in test_metrics.items()}
     if trainer.is_global_zero:
-        model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule)
+        model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
         metrics |= baseline_metrics(dm, model, task, cfg.seed)
-        metrics |= {"params": float(n_params), "train_adapters": float(len(dm.split_rows["train"])),
-                    "data_seconds": t_data, "fit_seconds": t_fit}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        n_train = len(dm.split_rows["train"])
+        metrics |= {"params": float(n_params), "train_adapters": float(n_train), "epochs": float(trainer.current_epoch),
+                    "data_seconds": t_data, "fit_seconds": t_fit,
+                    "train_adapters_per_s": n_train * trainer.current_epoch / max(t_fit, 1e-9)}
+        _write_metrics(out_dir, metrics)
         model.eval()
         save_plots(model, dm, task, out_dir, trainer.loggers)
-        print_results(task, metrics, out_dir)
+        print_results(task, metrics, out_dir, model_name(cfg.model))
     return None if value is None else float(value)
+
+
+def model_name(model_cfg) -> str:
+    """How results tables name a model config: its architecture, and its input when not canonical."""
+    name = model_cfg.get("arch") or model_cfg.get("_target_", "model").rsplit(".", 1)[-1].removesuffix("Model").lower()
+    return name if model_cfg.get("input", "canonical") == "canonical" else f"{name}_{model_cfg.input}"
+
+
+def _write_metrics(out_dir: Path, metrics: dict[str, float]) -> None:
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, out_dir: Path, t_data: float) -> float:
+    """model=spectral: fit scikit-learn on the training split, score val and test like a trained encoder."""
+    t1 = time.perf_counter()
+    model.fit(dm.whole_split("train"))
+    t_fit = time.perf_counter() - t1
+    scores = {}
+    for stage in ("val", "test"):
+        split = dm.whole_split(stage)
+        scores |= {f"{stage}/{k}": float(v) for k, v in model.task.evaluate(model(split["tokens"]), split).items()}
+    metrics = {k: v for k, v in scores.items() if k.startswith("test/")}
+    metrics |= baseline_metrics(dm, model, cfg.task.name, cfg.seed)
+    n_train = len(dm.split_rows["train"])
+    metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
+                "data_seconds": t_data, "fit_seconds": t_fit, "train_adapters_per_s": n_train / max(t_fit, 1e-9)}
+    _write_metrics(out_dir, metrics)
+    save_plots(model, dm, cfg.task.name, out_dir)
+    print_results(cfg.task.name, metrics, out_dir, model_name(cfg.model))
+    return scores[model.monitor[0]]
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -121,10 +149,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     task = model.hparams.task
     with open_dict(cfg):
         cfg.data.schema = model.hparams.info["schema"]
+        cfg.data.representation = model.hparams.get("input", "canonical")
     dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False)
     metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm)[0].items()}
     metrics |= baseline_metrics(dm, model, task, cfg.seed)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    print_results(task, metrics, out_dir)
+    _write_metrics(out_dir, metrics)
+    print_results(task, metrics, out_dir, model_name(model.hparams))
     return metrics
