@@ -1,15 +1,26 @@
 """Throughput of reading + canonicalizing Llama-3.2-3B-shaped LoRA adapters vs reading alone.
 
-python scripts/bench_canon.py [--adapters 8] [--repeats 3] [--out bench_results/canon.json]
+python scripts/bench_canon.py [--adapters 8] [--repeats 3] [--threads N] [--out bench_results/canon.json]
 
 Each adapter: 28 layers × {q, o: 3072×3072; k, v: 1024×3072}, rank 16, bf16, PEFT folder. The
-files are read once before timing so both paths read from the page cache (the comparison is then
-CPU work only). Prints a table and writes JSON.
+files are read once before timing, so every path reads from the page cache (the comparison is then
+CPU and memory work only). The baseline "read" is `safetensors.torch.load_file` to torch tensors.
+Paths are timed interleaved (each repeat runs every path once, over all adapters) and the median
+repeat is reported, so a burst of load from other jobs hits every path alike; ratios are only
+meaningful within one run.
+
+The same run measures the machine (memory copy bandwidth, float64 GEMM GFLOP/s, and the GFLOP/s of
+the batched tall-skinny Gram products canonicalization is made of) and prints a roofline-style lower
+bound: the bytes canonicalization must touch (read the bf16 factors, write U and V in float64) and
+the flops it must do (a Gram matrix and one r×r·r×m product per factor: 2·(m+n)·r² multiply-adds
+per module), turned into a best possible "read + canonicalize" time and ratio vs read alone.
+Prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -20,12 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from w2t import load_adapter
-from w2t.canonical import canonicalize_adapter
+from w2t.canonical import CanonicalModule, canonicalize_adapter
 
 SHAPES = {"q_proj": (3072, 3072), "k_proj": (1024, 3072), "v_proj": (1024, 3072), "o_proj": (3072, 3072)}
+LAYERS, RANK = 28, 16
 
 
-def write_adapter(folder: Path, seed: int, layers: int = 28, rank: int = 16) -> int:
+def write_adapter(folder: Path, seed: int, layers: int = LAYERS, rank: int = RANK) -> int:
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
@@ -40,53 +52,191 @@ def write_adapter(folder: Path, seed: int, layers: int = 28, rank: int = 16) -> 
     return (folder / "adapter_model.safetensors").stat().st_size
 
 
-def timed(fn, paths, repeats: int) -> float:
+# --- the implementation before the Gram/Cholesky rewrite, kept here for a same-run comparison ---
+
+
+def _before_canonicalize(A, B, scale):
+    """Householder QR of B and Aᵀ, SVD of the core, U = Q_B U', V = Q_A V', mask, sign rule."""
+    A64, B64 = A.to(torch.float64), B.to(torch.float64)
+    s = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1, 1)
+    Q_B, R_B = torch.linalg.qr(B64)
+    Q_A, R_A = torch.linalg.qr(A64.transpose(-1, -2))
+    Uc, S, Vch = torch.linalg.svd(s * (R_B @ R_A.transpose(-1, -2)))
+    U, V = Q_B @ Uc, Q_A @ Vch.transpose(-1, -2)
+    top = S[..., :1]
+    mask = (S > 1e-6 * top) & (top > 0)
+    d = U.pow(3).sum(-2) + V.pow(3).sum(-2)
+    factor = mask.to(U.dtype) * torch.where(d < 0, -1.0, 1.0).to(U.dtype)
+    U.mul_(factor.unsqueeze(-2))
+    V.mul_(factor.unsqueeze(-2))
+    return U, S * mask.to(S.dtype), V, mask
+
+
+def _before_canonicalize_adapter(adapter) -> list[CanonicalModule]:
+    buckets: dict[tuple[int, int, int], list[int]] = {}
+    for i, mod in enumerate(adapter.modules):
+        buckets.setdefault((*mod.shape, mod.rank), []).append(i)
+    out = [None] * len(adapter.modules)
+    for idx in buckets.values():
+        mods = [adapter.modules[i] for i in idx]
+        stacked = []
+        for mats in ([m.A for m in mods], [m.B for m in mods]):
+            t = torch.empty((len(mats), *mats[0].shape), dtype=torch.float64)
+            for i, m in enumerate(mats):
+                t[i].copy_(m)
+            stacked.append(t)
+        U, S, V, mask = _before_canonicalize(*stacked, torch.tensor([m.scale for m in mods], dtype=torch.float64))
+        for j, (i, mod) in enumerate(zip(idx, mods)):
+            out[i] = CanonicalModule(mod.module_type, mod.layer, U[j], S[j], V[j], mask[j])
+    return out
+
+
+# --- machine and bound ----------------------------------------------------------------------------
+
+
+def _median_time(fn, repeats: int = 5) -> float:
+    fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        for p in paths:
-            fn(p)
+        fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def measure_machine() -> dict:
+    """Achievable memory bandwidth and float64 matmul rates, measured now (same load as the paths)."""
+    src = torch.empty(64 << 20 >> 3, dtype=torch.float64).normal_()  # 64 MiB, far beyond the caches
+    dst = torch.empty_like(src)
+    copy_s = _median_time(lambda: dst.copy_(src))
+    x = torch.randn(1024, 1024, dtype=torch.float64)
+    gemm_s = _median_time(lambda: x @ x)
+    k, r, m = 56, RANK, 3072  # the q/o bucket of one adapter: 56 Gram matrices of 3072×16 panels
+    panels = torch.randn(k, r, m, dtype=torch.float64)
+    gram_s = _median_time(lambda: panels @ panels.mT)
+    return {
+        "copy_GB_per_s": 2 * src.numel() * 8 / copy_s / 1e9,  # bytes read + bytes written
+        "dgemm_GFLOP_per_s": 2 * 1024**3 / gemm_s / 1e9,
+        "skinny_gram_GFLOP_per_s": 2 * k * m * r * r / gram_s / 1e9,
+    }
+
+
+def bound(file_bytes: float, read_s: float, machine: dict) -> dict:
+    """Lower bound on canonicalization time per adapter, and the best ratio vs read alone it allows."""
+    sum_mn = LAYERS * sum(m + n for m, n in SHAPES.values())
+    factor_elems = sum_mn * RANK
+    bytes_min = factor_elems * 2 + factor_elems * 8  # read A, B in bf16; write U, V in float64
+    flops_min = 4 * sum_mn * RANK**2  # Gram + product per factor: 2·(m+n)·r² multiply-adds per module
+    bw = machine["copy_GB_per_s"] * 1e9
+    t_bytes = bytes_min / bw
+    t_flops_peak = flops_min / (machine["dgemm_GFLOP_per_s"] * 1e9)
+    t_flops_skinny = flops_min / (machine["skinny_gram_GFLOP_per_s"] * 1e9)
+    best = max(t_bytes, t_flops_peak)
+    realistic = max(t_bytes, t_flops_skinny)
+    return {
+        "read_bytes_touched": 2 * file_bytes,  # page cache → tensors: read + write
+        "canon_bytes_min": bytes_min,
+        "canon_flops_min": flops_min,
+        "canon_s_min_bytes": t_bytes,
+        "canon_s_min_flops_at_dgemm_peak": t_flops_peak,
+        "canon_s_min_flops_at_skinny_rate": t_flops_skinny,
+        # bytes alone, whatever the flops: read touches 2× the file, read + canonicalize ≥ that + bytes_min
+        "bytes_only_ratio_bound": 2 * file_bytes / (2 * file_bytes + bytes_min),
+        "best_ratio_vs_read": read_s / (read_s + best),
+        "realistic_ratio_vs_read": read_s / (read_s + realistic),
+        "canon_s_min": best,  # 0.5× needs canonicalize ≤ read alone, i.e. read_s ≥ canon_s_min
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="bench_results/canon.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"a{i}" for i in range(args.adapters)]
         size = sum(write_adapter(p, seed=i) for i, p in enumerate(paths)) / args.adapters
-        for p in paths:  # warm the page cache
+        for p in paths:  # warm the page cache: every path below reads from memory
             load_file(str(p / "adapter_model.safetensors"))
+        preloaded = [load_adapter(p) for p in paths[:1]]
 
         runs = {
             "read (safetensors.load_file)": lambda p: load_file(str(p / "adapter_model.safetensors")),
             "read (w2t.load_adapter)": lambda p: load_adapter(p),
-            "read + canonicalize (cpu)": lambda p: canonicalize_adapter(load_adapter(p)),
+            "read + canonicalize, before": lambda p: _before_canonicalize_adapter(load_adapter(p)),
+            "read + canonicalize": lambda p: canonicalize_adapter(load_adapter(p)),
+            "read bf16 + canonicalize": lambda p: canonicalize_adapter(load_adapter(p, dtype=torch.bfloat16)),
+            "canonicalize only": lambda p: canonicalize_adapter(preloaded[0]),
         }
         if torch.cuda.is_available():
             runs["read + canonicalize (cuda)"] = lambda p: (canonicalize_adapter(load_adapter(p), device="cuda"), torch.cuda.synchronize())
-        canonicalize_adapter(load_adapter(paths[0]))  # warm-up (lazy imports, allocator)
-        seconds = {name: timed(fn, paths, args.repeats) for name, fn in runs.items()}
+        for fn in runs.values():  # warm-up (lazy imports, allocator)
+            fn(paths[0])
+        machine = measure_machine()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        cpu_times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved: each repeat runs every path
+            for name, fn in runs.items():
+                t, c = time.perf_counter(), time.process_time()
+                for p in paths:
+                    fn(p)
+                cpu_times[name].append(time.process_time() - c)
+                times[name].append(time.perf_counter() - t)
+        machine_after = measure_machine()  # the load may change during the run: report both
+        seconds = {name: statistics.median(ts) for name, ts in times.items()}
+        cpu_seconds = {name: statistics.median(ts) for name, ts in cpu_times.items()}
 
     base = seconds["read (safetensors.load_file)"]
+    cpu_base = cpu_seconds["read (safetensors.load_file)"]
     rows = []
     for name, s in seconds.items():
         rows.append({"path": name, "seconds_per_adapter": s / args.adapters, "adapters_per_s": args.adapters / s,
-                     "MB_per_s": args.adapters * size / s / 1e6, "ratio_vs_read": base / s})
-    print(f"\n{args.adapters} adapters, {size / 1e6:.1f} MB each (bf16), {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'path':32s} {'ms/adapter':>11s} {'adapters/s':>11s} {'MB/s':>9s} {'× read':>7s}")
+                     "MB_per_s": args.adapters * size / s / 1e6, "ratio_vs_read": base / s,
+                     "cpu_seconds_per_adapter": cpu_seconds[name] / args.adapters,
+                     "cpu_ratio_vs_read": cpu_base / cpu_seconds[name]})
+    mach = {k: statistics.mean([machine[k], machine_after[k]]) for k in machine}
+    bnd = bound(size, base / args.adapters, mach)
+    header = (f"{args.adapters} adapters, {size / 1e6:.1f} MB each (bf16), {cpu_model()}, {os.cpu_count()} cores, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("\n" + header)
+    print("(wall: median repeat; cpu: process CPU time, less sensitive to other jobs on a shared machine)")
+    print(f"{'path':32s} {'ms/adapter':>11s} {'adapters/s':>11s} {'MB/s':>9s} {'× read':>7s} {'cpu ms':>8s} {'cpu × read':>10s}")
     for r in rows:
-        print(f"{r['path']:32s} {1e3 * r['seconds_per_adapter']:11.1f} {r['adapters_per_s']:11.2f} {r['MB_per_s']:9.1f} {r['ratio_vs_read']:7.3f}")
+        print(f"{r['path']:32s} {1e3 * r['seconds_per_adapter']:11.1f} {r['adapters_per_s']:11.2f} {r['MB_per_s']:9.1f} "
+              f"{r['ratio_vs_read']:7.3f} {1e3 * r['cpu_seconds_per_adapter']:8.1f} {r['cpu_ratio_vs_read']:10.3f}")
+    print(f"\nmachine (mean of before/after the timed runs): copy {mach['copy_GB_per_s']:.1f} GB/s (read+write), "
+          f"dgemm {mach['dgemm_GFLOP_per_s']:.1f} GFLOP/s, batched 3072×16 Gram {mach['skinny_gram_GFLOP_per_s']:.1f} GFLOP/s")
+    print(f"bound per adapter: canonicalize must touch ≥ {bnd['canon_bytes_min'] / 1e6:.1f} MB "
+          f"(≥ {1e3 * bnd['canon_s_min_bytes']:.1f} ms at copy bandwidth) and do ≥ {bnd['canon_flops_min'] / 1e9:.2f} GFLOP "
+          f"(≥ {1e3 * bnd['canon_s_min_flops_at_dgemm_peak']:.1f} ms at dgemm rate, "
+          f"{1e3 * bnd['canon_s_min_flops_at_skinny_rate']:.1f} ms at the batched-Gram rate)")
+    print(f"bytes alone: read touches {bnd['read_bytes_touched'] / 1e6:.1f} MB, read + canonicalize ≥ "
+          f"{(bnd['read_bytes_touched'] + bnd['canon_bytes_min']) / 1e6:.1f} MB → ≤ {bnd['bytes_only_ratio_bound']:.3f}× at equal bandwidth")
+    print(f"best possible read + canonicalize vs read alone: {bnd['best_ratio_vs_read']:.3f}× (dgemm rate), "
+          f"{bnd['realistic_ratio_vs_read']:.3f}× (batched-Gram rate); target 0.5× needs canonicalize ≤ read alone "
+          f"({1e3 * base / args.adapters:.1f} ms), the bound is {1e3 * bnd['canon_s_min']:.1f} ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"adapter_mb": size / 1e6, "adapters": args.adapters, "threads": torch.get_num_threads(),
-                               "machine": platform.machine(), "torch": torch.__version__, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"adapter_mb": size / 1e6, "adapters": args.adapters, "repeats": args.repeats,
+                               "threads": torch.get_num_threads(), "cpu": cpu_model(), "cores": os.cpu_count(),
+                               "machine": platform.machine(), "torch": torch.__version__, "rows": rows,
+                               "machine_rates": {"before": machine, "after": machine_after, "mean": mach},
+                               "bound": bnd}, indent=1))
     print(f"wrote {out}")
 
 

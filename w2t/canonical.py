@@ -86,23 +86,25 @@ def canonicalize(
     # Everything below works on the "wide" layouts A (k, r, n) and Bᵀ (k, r, m): Gram matrices and
     # products of r×r matrices with r×m panels are the fastest batched-matmul shapes on CPU, and
     # rows uᵢ, vᵢ come out contiguous. Pass B as `Bt.mT` (a view) to avoid any transposing copy.
-    A64 = A.to(torch.float64)
-    Bt64 = B.mT.to(torch.float64)
+    # Factors stored in a lower precision (bf16, float32) are converted to float64 (exactly) a few
+    # modules at a time, in cache, where the math needs them; they are never copied whole.
+    A = A if A.is_floating_point() else A.to(torch.float64)
+    B = B if B.is_floating_point() else B.to(torch.float64)
     s = torch.as_tensor(scale, dtype=torch.float64, device=A.device)
     batch = A.shape[:-2]
     k = math.prod(batch)  # 1 for a single module
     s = s.reshape(s.shape + (1, 1)).expand(*batch, 1, 1).reshape(k, 1, 1)  # broadcast over the r×r core
-    A64, Bt64 = A64.reshape(k, *A.shape[-2:]), Bt64.reshape(k, *Bt64.shape[-2:])
+    At, Bt = A.reshape(k, *A.shape[-2:]), B.mT.reshape(k, B.shape[-1], B.shape[-2])
 
     if method == "householder":
-        Lb, Yb, La, Ya, S = _svd_householder(A64, Bt64, s, rtol)
+        Lb, Yb, La, Ya, S = _svd_householder(At.to(torch.float64), Bt.to(torch.float64), s, rtol)
         fix = None
     else:
-        Lb, Yb, La, Ya, S, ok = _svd_cholqr(A64, Bt64, s, rtol)
+        Lb, Yb, La, Ya, S, ok = _svd_cholqr(At, Bt, s, rtol)
         fix = None
         if not bool(ok.all()):  # redo, by Householder QR, the modules the Gram QR cannot handle
             bad = (~ok).nonzero().squeeze(-1)
-            fix = bad, *_svd_householder(A64[bad], Bt64[bad], s[bad], rtol)
+            fix = bad, *_svd_householder(At[bad].to(torch.float64), Bt[bad].to(torch.float64), s[bad], rtol)
             S[bad] = fix[-1]
     Ut, Vt = _products(Lb, Yb, La, Ya, fix, sign_rule)
 
@@ -116,29 +118,42 @@ def canonicalize(
     )
 
 
-# Uᵀ = Cb·Yb and Vᵀ = Ca·Ya are formed, and the sign rule applied, a few modules at a time so that
-# the chunk is still in cache when its cubes are summed and its signs flipped (one memory pass).
-_CHUNK_BYTES = 3 << 20
+# Uᵀ = Cb·Yb and Vᵀ = Ca·Ya are formed a few modules at a time into a small reused buffer that stays
+# in cache while the chunk's cubes are summed; the sign-corrected chunk is then written to the
+# output once. Every output byte is written exactly once and no large temporary is allocated
+# (fresh pages cost as much as a memory pass on a VM).
+_CHUNK_BYTES = 2 << 20
 
 
 def _products(Lb, Yb, La, Ya, fix, sign_rule):
     """Uᵀ (k, r, m) = Lb @ Yb and Vᵀ (k, r, n) = La @ Ya, then the rows of `fix`, then the sign rule."""
     k, r = Lb.shape[:2]
-    Ut = Yb.new_empty(k, r, Yb.shape[-1])
-    Vt = Ya.new_empty(k, r, Ya.shape[-1])
-    fused = sign_rule and fix is None
-    step = max(1, _CHUNK_BYTES // (8 * r * (Yb.shape[-1] + Ya.shape[-1])))
-    for i in range(0, k, step):  # a loop over chunks of modules, not over modules
-        c = slice(i, i + step)
-        torch.matmul(Lb[c], Yb[c], out=Ut[c])
-        torch.matmul(La[c], Ya[c], out=Vt[c])
-        if fused:
-            _apply_sign_rule_(Ut[c], Vt[c])
-    if fix is not None:
-        bad, lb, yb, la, ya, _ = fix
-        Ut[bad], Vt[bad] = lb @ yb, la @ ya
+    m, n = Yb.shape[-1], Ya.shape[-1]
+    Ut = Lb.new_empty(k, r, m)  # float64, like Lb and La
+    Vt = La.new_empty(k, r, n)
+    if not sign_rule or fix is not None:
+        torch.matmul(Lb, Yb.to(torch.float64), out=Ut)
+        torch.matmul(La, Ya.to(torch.float64), out=Vt)
+        if fix is not None:
+            bad, lb, yb, la, ya, _ = fix
+            Ut[bad], Vt[bad] = lb @ yb, la @ ya
         if sign_rule:
             _apply_sign_rule_(Ut, Vt)
+        return Ut, Vt
+    step = max(1, min(k, _CHUNK_BYTES // (8 * r * (m + n))))
+    su, sv, cube = Ut.new_empty(step, r, m), Vt.new_empty(step, r, n), Ut.new_empty(step * r * max(m, n))
+    # factors still in their storage dtype (one-pass Gram QR) are converted chunk by chunk, in cache
+    yb = None if Yb.dtype == torch.float64 else Ut.new_empty(step, r, m)
+    ya = None if Ya.dtype == torch.float64 else Vt.new_empty(step, r, n)
+    for i in range(0, k, step):  # a loop over chunks of modules, not over modules
+        c, j = slice(i, i + step), min(k, i + step) - i
+        u = torch.matmul(Lb[c], Yb[c] if yb is None else yb[:j].copy_(Yb[c]), out=su[:j])
+        v = torch.matmul(La[c], Ya[c] if ya is None else ya[:j].copy_(Ya[c]), out=sv[:j])
+        d = torch.mul(u, u, out=cube[: u.numel()].view(u.shape)).mul_(u).sum(-1)
+        d += torch.mul(v, v, out=cube[: v.numel()].view(v.shape)).mul_(v).sum(-1)
+        flip = torch.where(d < 0, -1.0, 1.0).to(u.dtype).unsqueeze(-1)
+        torch.mul(u, flip, out=Ut[c])
+        torch.mul(v, flip, out=Vt[c])
     return Ut, Vt
 
 
@@ -150,7 +165,7 @@ def _apply_sign_rule_(Ut: torch.Tensor, Vt: torch.Tensor) -> None:
 
 
 def _deciding_quantity_t(Ut: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
-    """dᵢ = Σ uᵢ³ + Σ vᵢ³ for Uᵀ (k, r, m) and Vᵀ (k, r, n), with one temporary per side."""
+    """dᵢ = Σ uᵢ³ + Σ vᵢ³ for Uᵀ (k, r, m) and Vᵀ (k, r, n) (the rule of the module docstring)."""
     return Ut.square().mul_(Ut).sum(-1) + Vt.square().mul_(Vt).sum(-1)
 
 
@@ -182,23 +197,43 @@ _ONE_PASS_KAPPA = 100.0
 _CHOLQR_TOL = 1e-2
 
 
+def _chunks64(Xt: torch.Tensor):
+    """(slice, float64 chunk of Xt) a few modules at a time; lower precisions go through one buffer."""
+    k, r, m = Xt.shape
+    step = max(1, min(k, _CHUNK_BYTES // (8 * r * m)))
+    buf = None if Xt.dtype == torch.float64 else Xt.new_empty(step, r, m, dtype=torch.float64)
+    for i in range(0, k, step):
+        c = slice(i, i + step)
+        yield c, (Xt[c] if buf is None else buf[: min(k, i + step) - i].copy_(Xt[c]))
+
+
+def _gram64(Xt: torch.Tensor) -> torch.Tensor:
+    """X Xᵀ per module, in float64, for Xt (k, r, m) of any float dtype."""
+    if Xt.dtype == torch.float64:
+        return Xt @ Xt.mT
+    G = Xt.new_empty(Xt.shape[0], Xt.shape[1], Xt.shape[1], dtype=torch.float64)
+    for c, x in _chunks64(Xt):
+        torch.matmul(x, x.mT, out=G[c])
+    return G
+
+
 def _gram_qr(Xt: torch.Tensor):
-    """Thin QR X = Q R of X = Xtᵀ, Xt (k, r, m), by Gram/Cholesky, without forming Q.
+    """Thin QR X = Q R of X = Xtᵀ, Xt (k, r, m) of any float dtype, by Gram/Cholesky in float64.
 
     Returns (Yt, R, L, ok) with Qᵀ = L⁻¹ Yt (L lower triangular r×r): Yt is Xt itself after one
     pass (when every module of the batch is well conditioned), or Q₁ᵀ = L₁⁻¹ Xt after the second
     (CholeskyQR2); ok (k,) is False where the result is not trustworthy (see _CHOLQR_TOL).
     """
-    eye = torch.eye(Xt.shape[-2], dtype=Xt.dtype, device=Xt.device)
-    L1, info1 = torch.linalg.cholesky_ex(Xt @ Xt.mT)  # XᵀX = L₁L₁ᵀ, R₁ = L₁ᵀ
+    eye = torch.eye(Xt.shape[-2], dtype=torch.float64, device=Xt.device)
+    L1, info1 = torch.linalg.cholesky_ex(_gram64(Xt))  # XᵀX = L₁L₁ᵀ, R₁ = L₁ᵀ
     ok = info1 == 0
     if not bool(ok.all()):
         L1[~ok] = eye  # finite placeholder; these modules are redone by the caller
     L1inv = torch.linalg.solve_triangular(L1, eye, upper=False)
     kappa_f = torch.linalg.matrix_norm(L1) * torch.linalg.matrix_norm(L1inv)  # ≥ κ₂(X)
     if bool((ok & (kappa_f <= _ONE_PASS_KAPPA)).all()):
-        return Xt, L1.mT, L1, ok
-    Q1t = torch.linalg.solve_triangular(L1, Xt, upper=False)  # L₁⁻¹ Xt = (X R₁⁻¹)ᵀ, backward stable
+        return Xt, L1.mT, L1, ok  # Xt may still be in its storage dtype
+    Q1t = torch.linalg.solve_triangular(L1, Xt.to(torch.float64), upper=False)  # L₁⁻¹ Xt = (X R₁⁻¹)ᵀ, backward stable
     G2 = Q1t @ Q1t.mT
     L2, info2 = torch.linalg.cholesky_ex(G2)
     ok &= (info2 == 0) & ((G2 - eye).abs().amax((-2, -1)) <= _CHOLQR_TOL)  # NaN fails too
@@ -207,13 +242,13 @@ def _gram_qr(Xt: torch.Tensor):
     return Q1t, L2.mT @ L1.mT, L2, ok  # R = R₂ R₁
 
 
-def _svd_cholqr(A64, Bt64, s, rtol):
+def _svd_cholqr(At, Bt, s, rtol):
     """Gram-QR path: (Cb, Yb, Ca, Ya, S, ok) with Uᵀ = Cb @ Yb, Vᵀ = Ca @ Ya, ok (k,) as in _gram_qr.
 
     Uᵀ = U'ᵀ Q_Bᵀ = (L_B⁻ᵀ U')ᵀ Y_B and Vᵀ = (L_A⁻ᵀ V')ᵀ Y_A: one batched r×r·r×m matmul per side.
     """
-    Ybt, Rb, Lb, okb = _gram_qr(Bt64)
-    Yat, Ra, La, oka = _gram_qr(A64)
+    Ybt, Rb, Lb, okb = _gram_qr(Bt)
+    Yat, Ra, La, oka = _gram_qr(At)
     Uc, S, Vch = torch.linalg.svd(s * (Rb @ Ra.mT))  # descending S
     f = _mask_factor(S, rtol).unsqueeze(-2)  # masked components come out exactly zero
     Cb = torch.linalg.solve_triangular(Lb.mT, Uc * f, upper=True)  # L⁻ᵀ U'
@@ -237,9 +272,13 @@ class CanonicalModule:
         return self.U.shape[0], self.V.shape[0]
 
 
-def _stack64(mats: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack and convert to float64 in one C++ call and one allocation (one pass over the data)."""
-    out = torch.empty((len(mats), *mats[0].shape), dtype=torch.float64, device=device)
+def _stack(mats: list[torch.Tensor], device) -> torch.Tensor:
+    """Stack in the factors' own (promoted) dtype, in one C++ call; canonicalize converts to float64
+    chunk by chunk, so the float64 copy of the factors is never materialized."""
+    dtype = mats[0].dtype
+    for m in mats[1:]:
+        dtype = torch.promote_types(dtype, m.dtype)
+    out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=device)
     return torch.stack([m.to(device) for m in mats] if device is not None else mats, out=out)
 
 
@@ -255,8 +294,8 @@ def canonicalize_adapter(
 
     Modules of one type share a shape, so a transformer adapter costs a handful of batched
     Gram/Cholesky/SVD calls instead of one per module; the per-module work left in Python is
-    building the result list (views into the batched outputs). Factors are stacked and converted to
-    float64 in one pass per bucket, whatever their dtype (pass `load_adapter(..., dtype=torch.bfloat16)`
+    building the result list (views into the batched outputs). Factors are stacked in their own dtype
+    and converted to float64 in cache, chunk by chunk (pass `load_adapter(..., dtype=torch.bfloat16)`
     for bf16 files to skip load_adapter's float32 copy). `method` as in `canonicalize`.
     """
     buckets: dict[tuple[int, int, int], list[int]] = {}
@@ -265,8 +304,8 @@ def canonicalize_adapter(
     out: list[CanonicalModule | None] = [None] * len(adapter.modules)
     for idx in buckets.values():
         mods = [adapter.modules[i] for i in idx]
-        A = _stack64([m.A for m in mods], device)  # (k, r, n)
-        B = _stack64([m.B.mT for m in mods], device).mT  # (k, m, r), stored as (k, r, m)
+        A = _stack([m.A for m in mods], device)  # (k, r, n)
+        B = _stack([m.B.mT for m in mods], device).mT  # (k, m, r), stored as (k, r, m)
         scale = torch.tensor([m.scale for m in mods], dtype=torch.float64, device=A.device)
         form = canonicalize(A, B, scale, rtol=rtol, sign_rule=sign_rule, method=method)
         U, S, V, mask = (t.cpu() for t in (form.U, form.S, form.V, form.mask))

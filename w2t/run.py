@@ -62,6 +62,17 @@ def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed
     return {f"test/baseline_sketch/{k}": float(v) for k, v in scores.items()}
 
 
+def setup_run(cfg: DictConfig) -> tuple[AdapterDataModule, AdapterModel | SpectralModel]:
+    """The data, read as the model reads it (canonical or raw; a pretrained encoder's schema), and the model."""
+    with open_dict(cfg):
+        cfg.data.representation = cfg.model.get("input", "canonical")
+        if cfg.model.get("pretrained"):
+            cfg.data.update(data_options(cfg.model.pretrained))
+    dm = build_datamodule(cfg, eval_gallery=cfg.task.name == "retrieval")
+    model = instantiate(cfg.model, task=cfg.task.name, info=asdict(dm.info), head=cfg.task.get("head"), _convert_="all")
+    return dm, model
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, test the best checkpoint, write metrics.json + config + plots; return the monitored value."""
     L.seed_everything(cfg.seed, workers=True)
@@ -70,14 +81,9 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     task = cfg.task.name
 
-    with open_dict(cfg):
-        cfg.data.representation = cfg.model.get("input", "canonical")  # what the model reads: canonical | raw
-        if cfg.model.get("pretrained"):  # tokenize the data as the pretrained encoder reads it
-            cfg.data.update(data_options(cfg.model.pretrained))
     t0 = time.perf_counter()
-    dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
+    dm, model = setup_run(cfg)
     t_data = time.perf_counter() - t0
-    model = instantiate(cfg.model, task=task, info=asdict(dm.info), head=cfg.task.get("head"), _convert_="all")
     if isinstance(model, SpectralModel):
         return _fit_spectral(cfg, dm, model, out_dir, t_data)
     n_params = sum(p.numel() for p in model.parameters())

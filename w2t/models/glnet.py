@@ -36,7 +36,7 @@ class GLNetConfig:
 def _frob(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """‖U Vᵀ‖_F from the r×r Gram matrices (U, V: (..., r, m), (..., r, n)); invariant under GL(r)."""
     gu, gv = U @ U.transpose(-1, -2), V @ V.transpose(-1, -2)
-    return (gu * gv).sum((-1, -2)).clamp_min(0).sqrt()
+    return (gu * gv).sum((-1, -2)).clamp_min(1e-24).sqrt()  # floor: finite gradient for absent modules
 
 
 class _RowMap(nn.Module):

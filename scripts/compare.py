@@ -1,0 +1,158 @@
+"""Run every model on each experiment with several seeds and write one comparison report.
+
+python scripts/compare.py [--models ...] [--experiments ...] [--seeds 0 1 2] [--ablations] [--jobs 2]
+                          [--out results/compare/digits] [--extra EXPERIMENT=OVERRIDE ...] [OVERRIDE ...]
+
+Each run is `python train.py experiment=E model=M seed=S` in its own process, writing to
+OUT/E/M/seed_S (a run whose metrics.json exists is reused, so an interrupted comparison resumes).
+Trailing OVERRIDEs go to every run (e.g. `data=minilm_text`); `--extra E=OVERRIDE` only to runs of
+experiment E (e.g. `--extra classification=data.label_column=category`). Writes OUT/compare.md (mean
+± std over seeds per metric, parameter count, training throughput), OUT/compare.json (every run's
+metrics) and OUT/compare.png (the main metric per experiment).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
+
+from w2t.report import MAIN_KEYS  # noqa: E402
+
+MODELS = ["w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
+# W2T options worth ablating: name -> overrides on top of model=w2t
+ABLATIONS = {
+    "w2t-no-sign-rule": ["model=w2t", "data.sign_rule=false", "model.encoder.sign_flip=true"],
+    "w2t+log-sigma": ["model=w2t", "model.encoder.log_sigma=true"],
+    "w2t+rank-encoder": ["model=w2t", "model.encoder.rank_encoder=true"],
+    "w2t-no-sketch": ["model=w2t", "model.encoder.sketch_dim=0"],
+}
+PRIMARY = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}
+LOWER_IS_BETTER = {"mae"}
+
+
+def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[str], threads: int) -> dict:
+    run_dir = out / experiment / name / f"seed_{seed}"
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.exists():
+        model = ABLATIONS.get(name, [f"model={name}"])
+        cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", *model, f"seed={seed}",
+               f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
+               *overrides]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        with open(run_dir / "compare.log", "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode or not metrics_file.exists():
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {run_dir / 'compare.log'}")
+        print(f"  {experiment:<14} {name:<18} seed {seed}: {time.perf_counter() - t:6.1f} s", flush=True)
+    return json.loads(metrics_file.read_text())
+
+
+def _cell(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+
+def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
+    """Markdown tables (one per experiment) and a bar chart of each experiment's main metric."""
+    lines = [header, ""]
+    for experiment, by_model in results.items():
+        keys = MAIN_KEYS[experiment]
+        lines += [f"**{experiment}** (test split; mean ± std over seeds {', '.join(map(str, seeds))})", "",
+                  "| model | " + " | ".join(keys) + " | params | train adapters/s |",
+                  "|---" * (len(keys) + 3) + "|"]
+        rows = dict(by_model)
+        first = next(iter(by_model.values()))
+        for b in ("sketch", "raw"):  # the non-learned baselines every run also scores (DESIGN §5)
+            if f"test/baseline_{b}/{keys[0]}" in first[0]:
+                rows[f"baseline: {b}"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys} for m in first]
+        best = {k: (min if k in LOWER_IS_BETTER else max)(np.mean([m[f"test/{k}"] for m in ms]) for ms in rows.values())
+                for k in keys}
+        for name, ms in rows.items():
+            cells = []
+            for k in keys:
+                c = _cell([m[f"test/{k}"] for m in ms])
+                cells.append(f"**{c}**" if np.isclose(np.mean([m[f"test/{k}"] for m in ms]), best[k]) else c)
+            params = f"{int(ms[0]['params']):,}" if "params" in ms[0] else "–"
+            speed = f"{np.mean([m['train_adapters_per_s'] for m in ms]):.0f}" if "train_adapters_per_s" in ms[0] else "–"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {params} | {speed} |")
+        lines.append("")
+    text = "\n".join(lines)
+    (out / "compare.md").write_text(text)
+    _plot(results, out / "compare.png")
+    return text
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (experiment, by_model) in zip(axes[0], results.items()):
+        k = PRIMARY[experiment]
+        names = list(by_model) + ["baseline: sketch"]
+        vals = [[m[f"test/{k}"] for m in ms] for ms in by_model.values()]
+        vals.append([m[f"test/baseline_sketch/{k}"] for m in next(iter(by_model.values()))])
+        ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], capsize=3,
+               color=["C0"] * len(by_model) + ["0.6"])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set(title=experiment, ylabel=f"test {k}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=MODELS, help=f"from {MODELS} and {list(ABLATIONS)}")
+    ap.add_argument("--ablations", action="store_true", help="also run the W2T ablations")
+    ap.add_argument("--experiments", nargs="+", default=list(PRIMARY), choices=list(PRIMARY))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cores/jobs threads)")
+    ap.add_argument("--out", default="results/compare/digits")
+    ap.add_argument("--extra", action="append", default=[], metavar="EXPERIMENT=OVERRIDE")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    args = ap.parse_args()
+
+    models = args.models + (list(ABLATIONS) if args.ablations else [])
+    unknown = [m for m in models if m not in MODELS and m not in ABLATIONS]
+    if unknown:
+        ap.error(f"unknown models {unknown}")
+    extra: dict[str, list[str]] = {}
+    for item in args.extra:
+        experiment, _, override = item.partition("=")
+        if experiment not in PRIMARY or not override:
+            ap.error(f"--extra takes EXPERIMENT=OVERRIDE with EXPERIMENT in {list(PRIMARY)}, got {item!r}")
+        extra.setdefault(experiment, []).append(override)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(e, m, s) for e in args.experiments for m in models for s in args.seeds]
+    print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each -> {out}", flush=True)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {j: pool.submit(run_one, *j, out, args.overrides + extra.get(j[0], []), threads) for j in jobs}
+        metrics = {j: f.result() for j, f in futures.items()}
+    results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in models} for e in args.experiments}
+    (out / "compare.json").write_text(json.dumps(
+        {"overrides": args.overrides, "extra": extra, "seeds": args.seeds,
+         "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()}}, indent=1, sort_keys=True))
+    command = "python scripts/compare.py " + " ".join(sys.argv[1:])
+    print(report(results, out, args.seeds, f"`{command}` ({time.perf_counter() - start:.0f} s for {len(jobs)} runs)"))
+
+
+if __name__ == "__main__":
+    main()
