@@ -7,7 +7,10 @@ files are read once before timing, so every path reads from the page cache (the 
 CPU and memory work only). The baseline "read" is `safetensors.torch.load_file` to torch tensors.
 Paths are timed interleaved (each repeat runs every path once, over all adapters) and the median
 repeat is reported, so a burst of load from other jobs hits every path alike; ratios are only
-meaningful within one run.
+meaningful within one run. Process CPU time is reported next to wall time. On a machine shared with
+other jobs use `--threads 1`: with several OpenMP threads every op waits for descheduled peers.
+"read + canonicalize, before" is the Householder implementation this module replaced, kept here so
+before/after come from the same run.
 
 The same run measures the machine (memory copy bandwidth, float64 GEMM GFLOP/s, and the GFLOP/s of
 the batched tall-skinny Gram products canonicalization is made of) and prints a roofline-style lower

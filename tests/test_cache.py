@@ -10,6 +10,7 @@ import torch
 
 import w2t.cache as cache_mod
 from w2t.cache import CacheOptions, TokenCache, load_entry
+import w2t.representation as representation
 from w2t.canonical import canonicalize_adapter
 from w2t.collection import read_metadata
 from w2t.errors import W2TError
@@ -31,7 +32,7 @@ def counted(monkeypatch):
         calls.append(adapter.path)
         return canonicalize_adapter(adapter, **kw)
 
-    monkeypatch.setattr(cache_mod, "canonicalize_adapter", counting)
+    monkeypatch.setattr(representation, "canonicalize_adapter", counting)  # what the cache build calls
     return calls
 
 

@@ -219,3 +219,16 @@ def test_low_precision_input_equals_its_float64_copy():
     low = canonicalize(A, B, 0.25)
     ref = canonicalize(A.double(), B.double(), 0.25)
     same_tokens(low, ref, 1e-11)  # rounding of differently blocked Gram sums, amplified by 1/gap
+
+
+@pytest.mark.parametrize("chunk_modules", [1, 2, 5])
+def test_chunked_products_match_unchunked(monkeypatch, chunk_modules):
+    """Any chunking of the Gram and product passes (including a partial last chunk) gives the same tokens."""
+    import w2t.canonical as canonical
+
+    g = torch.Generator().manual_seed(13)
+    A = torch.randn(7, 6, 50, generator=g).float()  # float32: the chunked float64 conversion path
+    B = torch.randn(7, 40, 6, generator=g).to(torch.bfloat16)
+    ref = canonicalize(A, B, 1.5, method="householder")
+    monkeypatch.setattr(canonical, "_chunk_bytes", lambda: 8 * 6 * (40 + 50) * chunk_modules)
+    same_tokens(canonicalize(A, B, 1.5), ref, 1e-11)
