@@ -35,6 +35,9 @@ ABLATIONS = {
     "w2t+log-sigma": ["model=w2t", "model.encoder.log_sigma=true"],
     "w2t+rank-encoder": ["model=w2t", "model.encoder.rank_encoder=true"],
     "w2t-no-sketch": ["model=w2t", "model.encoder.sketch_dim=0"],
+    # the learned sketch Pᵤ·ΔW·Pᵥᵀ is the same for every factorization even on raw input: without it,
+    # w2t vs w2t_raw isolates what canonicalizing the rank tokens is worth
+    "w2t_raw-no-sketch": ["model=w2t_raw", "model.encoder.sketch_dim=0"],
 }
 PRIMARY = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}
 LOWER_IS_BETTER = {"mae"}

@@ -29,6 +29,7 @@ class EncoderConfig:
     component_dropout: float = 0.0  # training-time masking of whole rank components
     sketch_dim: int = 8  # k of the learned bilinear sketch Pᵤ ΔW Pᵥᵀ (k×k per module); 0 turns it off
     pool: str = "cls"  # "cls": a learned query token reads the modules; "mean": masked mean
+    scale_norm: bool = False  # divide every σ by the adapter's ‖ΔW‖ (over all modules); log‖ΔW‖ enters once
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean"):
@@ -110,6 +111,7 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         self.module_norm = nn.LayerNorm(d)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
         self.modules_tf = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False) if cfg.depth else None
+        self.scale_feat = SigmaFeatures(d) if cfg.scale_norm else None
         self.out_norm = nn.LayerNorm(d)
 
     @property
@@ -152,6 +154,12 @@ class W2TEncoder(nn.Module, PretrainedMixin):
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
         """Adapter embeddings (B, d_model)."""
+        norm = None
+        if self.config.scale_norm:
+            # the overall size of an update varies ~20× with lr/steps/alpha inside one task: read the shape
+            # of ΔW scale-free, and its size once, as a feature
+            norm = sum(((t["s"] * t["mask"]) ** 2).sum((-1, -2)) for t in tokens.values()).sqrt()  # (B,)
+            tokens = {g: {**t, "s": t["s"] / norm.clamp_min(1e-12)[:, None, None]} for g, t in tokens.items()}
         toks, present = zip(*(self._module_tokens(i, tokens[name]) for i, name in enumerate(self.names)))
         x = torch.cat(toks, 1)  # (B, M, d) over all module positions
         p = torch.cat(present, 1)  # (B, M)
@@ -161,6 +169,7 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         none = ~p.any(1, keepdim=True)  # adapters with no module at all (all-zero B): keep attention finite
         if self.modules_tf is not None:
             x = self.modules_tf(x, src_key_padding_mask=~(p | none))
-        if self.cls is not None:
-            return self.out_norm(x[:, 0])
-        return self.out_norm(pool_modules(x, p))
+        out = x[:, 0] if self.cls is not None else pool_modules(x, p)
+        if norm is not None:
+            out = out + self.scale_feat(norm[:, None])[:, 0]
+        return self.out_norm(out)

@@ -104,11 +104,14 @@ class Regression(Task):
 class Retrieval(Task):
     """Supervised contrastive (InfoNCE) on groups; ranked by cosine of the projected embedding."""
 
-    monitor = "val/map"  # uses every relevant item, so it is steadier than MRR on small splits
     mode = "max"
 
-    def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0):
+    def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
+                 monitor: str = "val/map"):
         super().__init__()
+        if monitor not in {f"val/{k}" for k in ("mrr", "map", "hit@1", "hit@10", "ndcg@10")}:
+            raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
+        self.monitor = monitor
         if info.num_groups < 2:
             raise ValueError("retrieval needs data.group_column with ≥ 2 groups")
         self.head = _mlp(d, proj_dim, hidden, dropout)
