@@ -109,7 +109,8 @@ def _plot(results: dict, path: Path) -> None:
         names = list(by_model) + ["baseline: sketch"]
         vals = [[m[f"test/{k}"] for m in ms] for ms in by_model.values()]
         vals.append([m[f"test/baseline_sketch/{k}"] for m in next(iter(by_model.values()))])
-        ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], capsize=3,
+        ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+               capsize=3,
                color=["C0"] * len(by_model) + ["0.6"])
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set(title=experiment, ylabel=f"test {k}")
@@ -144,6 +145,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(e, m, s) for e in args.experiments for m in models for s in args.seeds]
+    pending = sum(not (out / e / m / f"seed_{s}" / "metrics.json").exists() for e, m, s in jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each -> {out}", flush=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -154,7 +156,8 @@ def main() -> None:
         {"overrides": args.overrides, "extra": extra, "seeds": args.seeds,
          "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()}}, indent=1, sort_keys=True))
     command = "python scripts/compare.py " + " ".join(sys.argv[1:])
-    print(report(results, out, args.seeds, f"`{command}` ({time.perf_counter() - start:.0f} s for {len(jobs)} runs)"))
+    took = f"{len(jobs)} runs; {pending} run now in {time.perf_counter() - start:.0f} s, the rest reused"
+    print(report(results, out, args.seeds, f"`{command}` ({took})"))
 
 
 if __name__ == "__main__":
