@@ -143,7 +143,7 @@ def main() -> None:
         extra.setdefault(experiment, []).append(override)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # the cores this process may use
     jobs = [(e, m, s) for e in args.experiments for m in models for s in args.seeds]
     pending = sum(not (out / e / m / f"seed_{s}" / "metrics.json").exists() for e, m, s in jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each -> {out}", flush=True)

@@ -8,6 +8,9 @@ the m (resp. n) side only, so it commutes with G:
   invariant ΔW = U Vᵀ, computed as U (Vᵀ w) in O((m+n)r) without forming ΔW (and likewise for V);
 * invariant head: a learned k×k bilinear read-out Pᵤᵀ U_c V_cᵀ Pᵥ per channel, plus log‖ΔW‖.
 Module features are bound to their (type, layer) position and mean-pooled, as in the W2T encoder.
+Sides wider than `row_dim` are first mapped to `row_dim` rows by a learned linear map (it acts on
+the m or n side, so it commutes with G too): without it the (C, r, m) activations of a 1536-wide
+MLP module make every layer memory-bound.
 It reads any factorization: fed the raw factors (`input: raw`), its outputs are unchanged by
 (B·G, G⁻¹·A) because of its own equivariance, not because of canonicalization.
 """
@@ -30,6 +33,7 @@ class GLNetConfig:
     depth: int = 2  # equivariant layers
     row_rank: int = 8  # rank of the learned map on the row space of U and of V
     sketch_dim: int = 8  # k of the invariant head
+    row_dim: int | None = 128  # wider sides are mapped to this many rows first; None: never
     dropout: float = 0.1
 
 
@@ -80,11 +84,14 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
         self.config = cfg = config or GLNetConfig()
         C, k, d = cfg.channels, cfg.sketch_dim, cfg.d_model
         self.names = [g.name for g in schema.groups]
+        dims = [(self._width(g.m), self._width(g.n)) for g in schema.groups]
+        self.reduce_u = nn.ParameterList(self._reducer(g.m, m) for g, (m, _) in zip(schema.groups, dims))
+        self.reduce_v = nn.ParameterList(self._reducer(g.n, n) for g, (_, n) in zip(schema.groups, dims))
         self.lift = nn.Parameter(torch.randn(len(schema.groups), C))  # channel c starts as λ_c·(U, V)
         self.layers = nn.ModuleList(
-            nn.ModuleList(_GLLayer(C, g.m, g.n, cfg.row_rank) for _ in range(cfg.depth)) for g in schema.groups)
-        self.head_u = nn.ParameterList(nn.Parameter(torch.randn(g.m, k) / g.m**0.5) for g in schema.groups)
-        self.head_v = nn.ParameterList(nn.Parameter(torch.randn(g.n, k) / g.n**0.5) for g in schema.groups)
+            nn.ModuleList(_GLLayer(C, m, n, cfg.row_rank) for _ in range(cfg.depth)) for m, n in dims)
+        self.head_u = nn.ParameterList(nn.Parameter(torch.randn(m, k) / m**0.5) for m, _ in dims)
+        self.head_v = nn.ParameterList(nn.Parameter(torch.randn(n, k) / n**0.5) for _, n in dims)
         self.head = nn.Sequential(nn.Linear(C * k * k + C + 1, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
         self.module_norm = nn.LayerNorm(d)
         self.positions = ModulePositions(schema, d)
@@ -94,6 +101,16 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
     def dim(self) -> int:
         return self.config.d_model
 
+    def _width(self, size: int) -> int:
+        return size if self.config.row_dim is None else min(size, self.config.row_dim)
+
+    @staticmethod
+    def _reducer(size: int, width: int) -> nn.Parameter:
+        """(size, width) orthonormal columns scaled to keep ‖U R‖ ≈ ‖U‖; empty when nothing is reduced."""
+        if width == size:
+            return nn.Parameter(torch.empty(0))
+        return nn.Parameter(torch.linalg.qr(torch.randn(size, width)).Q * (size / width) ** 0.5)
+
     def _module_tokens(self, i: int, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.schema.groups[i]
         w = (t["s"] * t["mask"]).clamp_min(0).sqrt().unsqueeze(-1)  # (B, L, r, 1)
@@ -101,6 +118,10 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
         norm = _frob(U, V)  # (B, L), invariant
         scale = norm.clamp_min(1e-12).sqrt()[..., None, None]
         U, V = U / scale, V / scale  # ‖U Vᵀ‖_F = 1: the layers see shape, the head also sees size
+        if self.reduce_u[i].numel():
+            U = U @ self.reduce_u[i]
+        if self.reduce_v[i].numel():
+            V = V @ self.reduce_v[i]
         lift = self.lift[i][:, None, None]  # (C, 1, 1)
         U, V = U.unsqueeze(2) * lift, V.unsqueeze(2) * lift  # (B, L, C, r, ·)
         for layer in self.layers[i]:
