@@ -46,20 +46,21 @@ def _loggers(cfg: DictConfig) -> list:
     return [instantiate(lg, _convert_="all") for lg in (cfg.get("logger") or {}).values() if lg is not None]
 
 
-def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed: int) -> dict[str, float]:
-    """The baselines of DESIGN §5 scored with the task's own `evaluate`, on the test split."""
-    test = dm.whole_split("test")
-    sketch = sketch_features(test["tokens"], dm.schema, seed=seed)
+def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed: int,
+                     stage: str = "test") -> dict[str, float]:
+    """The baselines of DESIGN §5 scored with the task's own `evaluate`, on the `stage` split."""
+    split = dm.whole_split(stage)
+    sketch = sketch_features(split["tokens"], dm.schema, seed=seed)
     out: dict[str, float] = {}
     if task == "retrieval":
-        raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in test["index"]])
+        raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in split["index"]])
         for name, feats in (("raw", raw), ("sketch", sketch)):
-            out |= {f"test/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(feats, test).items()}
+            out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(feats, split).items()}
         return out
     train = dm.whole_split("train")
     X_train = sketch_features(train["tokens"], dm.schema, seed=seed).numpy()
-    scores = model.task.evaluate(fit_outputs(model.task, task, X_train, train, sketch.numpy(), seed=seed), test)
-    return {f"test/baseline_sketch/{k}": float(v) for k, v in scores.items()}
+    scores = model.task.evaluate(fit_outputs(model.task, task, X_train, train, sketch.numpy(), seed=seed), split)
+    return {f"{stage}/baseline_sketch/{k}": float(v) for k, v in scores.items()}
 
 
 def setup_run(cfg: DictConfig) -> tuple[AdapterDataModule, AdapterModel | SpectralModel]:
@@ -102,10 +103,13 @@ def train(cfg: DictConfig) -> float | None:
         return None if value is None else float(value)
 
     test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True)[0]
-    metrics = {k: float(v) for k, v in test_metrics.items()}
+    # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
+    val_metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    metrics = {k: float(v) for k, v in (test_metrics | val_metrics).items()}
     if trainer.is_global_zero:
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
-        metrics |= baseline_metrics(dm, model, task, cfg.seed)
+        for stage in ("val", "test"):
+            metrics |= baseline_metrics(dm, model, task, cfg.seed, stage)
         n_train = len(dm.split_rows["train"])
         metrics |= {"params": float(n_params), "train_adapters": float(n_train), "epochs": float(trainer.current_epoch),
                     "data_seconds": t_data, "fit_seconds": t_fit,
@@ -136,8 +140,9 @@ def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, 
     for stage in ("val", "test"):
         split = dm.whole_split(stage)
         scores |= {f"{stage}/{k}": float(v) for k, v in model.task.evaluate(model(split["tokens"]), split).items()}
-    metrics = {k: v for k, v in scores.items() if k.startswith("test/")}
-    metrics |= baseline_metrics(dm, model, cfg.task.name, cfg.seed)
+    metrics = scores
+    for stage in ("val", "test"):
+        metrics |= baseline_metrics(dm, model, cfg.task.name, cfg.seed, stage)
     n_train = len(dm.split_rows["train"])
     metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
                 "data_seconds": t_data, "fit_seconds": t_fit, "train_adapters_per_s": n_train / max(t_fit, 1e-9)}

@@ -102,12 +102,17 @@ class Regression(Task):
 
 
 class Retrieval(Task):
-    """Supervised contrastive (InfoNCE) on groups; ranked by cosine of the projected embedding."""
+    """Supervised contrastive (InfoNCE) on groups; ranked by cosine of the projected embedding.
+
+    `proxy_weight` adds a learned proxy per group (normalized-softmax cross-entropy): with a few
+    hundred adapters over tens of groups a batch holds about one positive per anchor, so the
+    contrastive term alone gets little signal; the proxies see every group at every step.
+    """
 
     mode = "max"
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
-                 monitor: str = "val/map"):
+                 monitor: str = "val/map", proxy_weight: float = 0.0):
         super().__init__()
         if monitor not in {f"val/{k}" for k in ("mrr", "map", "hit@1", "hit@10", "ndcg@10")}:
             raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
@@ -116,13 +121,19 @@ class Retrieval(Task):
             raise ValueError("retrieval needs data.group_column with ≥ 2 groups")
         self.head = _mlp(d, proj_dim, hidden, dropout)
         self.temperature = temperature
+        self.proxy_weight = proxy_weight
+        self.proxies = nn.Parameter(torch.randn(info.num_groups, proj_dim)) if proxy_weight > 0 else None
 
     def outputs(self, emb):
         return F.normalize(self.head(emb), dim=-1)
 
     def loss(self, emb, batch):
         z = self.outputs(emb)
-        return supcon_loss(z, batch["group"], self.temperature)
+        loss = supcon_loss(z, batch["group"], self.temperature)
+        if self.proxies is not None:
+            logits = z @ F.normalize(self.proxies, dim=-1).T / self.temperature
+            loss = loss + self.proxy_weight * F.cross_entropy(logits, batch["group"])
+        return loss
 
     def evaluate(self, out, batch):
         q = batch["in_split"] & batch["is_query"]
