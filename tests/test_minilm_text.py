@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from w2t import load_adapter
 from w2t.collection import ensure_collection, read_metadata
 from w2t.collection import minilm_text as mt
+from w2t.collection.building import single_thread
 from w2t.errors import CollectionError
 
 TINY = mt.make_recipe("minilm_text_tiny")
@@ -38,7 +39,7 @@ needs_inputs = pytest.mark.skipif(_missing_inputs() is not None, reason=str(_mis
 @pytest.fixture(scope="module")
 def base():
     """The pretrained model, its tokenizer and the tiny recipe's encoded quotations."""
-    with mt._single_thread():
+    with single_thread():
         model, tokenizer = mt.load_model()
         return model, tokenizer, mt.prepare_data(TINY, model, tokenizer)
 
@@ -51,7 +52,7 @@ def built(tmp_path_factory, base) -> Path:
     (partial / "adapters").mkdir(parents=True)
     (partial / "results").mkdir()
     model, _, data = base
-    with mt._single_thread():
+    with single_thread():
         mt._init_worker(model, data, TINY)
         try:
             first = mt.plan(TINY)[0]
@@ -93,7 +94,7 @@ def test_cached_lower_layers_give_the_full_model_and_the_recorded_accuracy(built
 
     model, _, data = base
     row = read_metadata(built).iloc[-1]
-    with mt._single_thread():
+    with single_thread():
         peft_model = PeftModel.from_pretrained(copy.deepcopy(model), row["abs_path"]).eval()
         c = TINY.categories.index(row["category"])
         idx = data.eval_sets[c]

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from w2t.collection import digits, minilm_text
-from w2t.collection.digits import Recipe, disk_usage, make_recipe
+from w2t.collection.building import disk_usage
+from w2t.collection.digits import Recipe, make_recipe
 from w2t.collection.metadata import METADATA_FILES, Collection, read_metadata
 from w2t.errors import CollectionError
 

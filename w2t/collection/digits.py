@@ -12,24 +12,20 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from hashlib import sha256
-from itertools import repeat
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from w2t.collection.building import (available_cores, build_lock, built_hash, pooled_map,
+                                     single_thread)
 from w2t.collection.digits_model import (TRANSFORMS, DigitsData, DigitsViT, ViTConfig,
                                          apply_transform, heldout_accuracy, save_base,
                                          train_base)
@@ -195,54 +191,19 @@ def _train_adapter(job: AdapterJob, root: Path, batch: int) -> float:
                             _WORKER["seed"])
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Train on one thread in this process too: the same bytes whatever the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
-def _training(jobs: list[AdapterJob], root: Path, batch: int, init_args: tuple,
-              workers: int) -> Iterator[Iterator[float]]:
-    """Held-out accuracies of `jobs`, in order, trained in this process or by forked workers.
-
-    `pool.map` submits every job at once, so all workers fork here, before a progress bar starts
-    its refresh thread (a fork must not copy a lock that thread holds).
-    """
-    if workers == 1:
-        _init_worker(*init_args)
-        try:
-            yield map(_train_adapter, jobs, repeat(root), repeat(batch))
-        finally:
-            _WORKER.clear()
-        return
-    import peft  # noqa: F401  imported once here so that forked workers inherit it (~5 s each)
-
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_init_worker,
-                               initargs=init_args)
-    try:
-        yield pool.map(_train_adapter, jobs, repeat(root), repeat(batch), chunksize=4)
-    finally:  # on an error or Ctrl-C, drop the queued jobs instead of training them all
-        pool.shutdown(cancel_futures=True)
-
-
 def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
     """Train the base and every adapter into `dest`; metadata.csv and recipe.json come last."""
     dest.mkdir(parents=True, exist_ok=True)
-    with _single_thread():
+    with single_thread():
         data = DigitsData.load(recipe.n_test, recipe.seed)
         base = train_base(recipe.vit, data, steps=recipe.base_steps, lr=recipe.base_lr,
                           batch=recipe.base_batch, seed=recipe.seed)
         save_base(base, data, dest, n_test=recipe.n_test, seed=recipe.seed)
         jobs = plan(recipe)
         init_args = (base.state_dict(), recipe.vit, data, recipe.seed)
-        with _training(jobs, dest, recipe.batch, init_args, workers) as results:
+        with pooled_map(_train_adapter, jobs, dest, recipe.batch, init=_init_worker,
+                        init_args=init_args, clear=_WORKER.clear, workers=workers,
+                        chunksize=4) as results:
             accuracies = list(progress(results, f"{recipe.name}: training LoRA adapters",
                                        len(jobs)))
     table = pd.DataFrame([job.row(acc) for job, acc in zip(jobs, accuracies)])
@@ -254,41 +215,6 @@ def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
 
 # ---- building once, atomically -----------------------------------------------------------------
 
-def _built_hash(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "recipe.json").read_text())["hash"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-@contextmanager
-def _build_lock(root: Path, name: str) -> Iterator[None]:
-    """Serialize builds of one collection across processes (parallel sweep jobs, test workers).
-
-    Holding the lock, any leftover hidden build folder belongs to a killed build: remove it.
-    """
-    try:
-        import fcntl
-    except ImportError:  # no flock on Windows: concurrent builds still end in one valid folder
-        yield
-        return
-    with open(root / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            for stale in [*root.glob(f".{name}.building-*"), *root.glob(f".{name}.old-*")]:
-                shutil.rmtree(stale, ignore_errors=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _available_cores() -> int:
-    """Cores this process may use (a container's CPU affinity, not the host's core count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def ensure_collection(name: str = "digits", root: str | Path = "data", *,
                       workers: int | None = None, seed: int = 0, force: bool = False) -> Path:
     """Return `root/name`, building it first if absent or built from another recipe.
@@ -299,13 +225,13 @@ def ensure_collection(name: str = "digits", root: str | Path = "data", *,
     recipe = make_recipe(name, seed)
     root = Path(root)
     target = root / name
-    if not force and _built_hash(target) == recipe.hash:
+    if not force and built_hash(target) == recipe.hash:
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(root, name):
-        if not force and _built_hash(target) == recipe.hash:  # built while we waited
+    with build_lock(root, name):
+        if not force and built_hash(target) == recipe.hash:  # built while we waited
             return target
-        workers = workers or min(_available_cores(), 8)
+        workers = workers or min(available_cores(), 8)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=root))
         tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the collection from other users
         try:
@@ -322,8 +248,3 @@ def ensure_collection(name: str = "digits", root: str | Path = "data", *,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def disk_usage(folder: str | Path) -> int:
-    """Bytes the folder occupies on disk (allocated blocks, like `du`)."""
-    return sum(p.stat().st_blocks * 512 for p in Path(folder).rglob("*"))

@@ -26,20 +26,16 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from hashlib import sha256
-from itertools import repeat
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.collection.digits import _available_cores, _build_lock, _built_hash, _single_thread
+from w2t.collection.building import (available_cores, build_lock, built_hash, pooled_map,
+                                     single_thread)
 from w2t.errors import CollectionError
 from w2t.progress import progress
 
@@ -392,28 +388,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def _training(jobs: list[AdapterJob], root: Path, init_args: tuple,
-              workers: int) -> Iterator[Iterator[dict]]:
-    """Results of `jobs`, in order, trained here or by forked workers (see digits._training)."""
-    if workers == 1:
-        _init_worker(*init_args)
-        try:
-            yield map(_train_adapter, jobs, repeat(root))
-        finally:
-            _WORKER.clear()
-        return
-    import peft  # noqa: F401  imported once here so that forked workers inherit it
-
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_init_worker,
-                               initargs=init_args)
-    try:
-        yield pool.map(_train_adapter, jobs, repeat(root), chunksize=2)
-    finally:  # on an error or Ctrl-C, drop the queued jobs; finished adapters stay on disk
-        pool.shutdown(cancel_futures=True)
-
-
 def build(recipe: Recipe, dest: Path, workers: int,
           fortunes: Path = FORTUNES_DIR) -> pd.DataFrame:
     """Train every adapter into `dest`, skipping those already finished; metadata.csv comes last."""
@@ -426,10 +400,13 @@ def build(recipe: Recipe, dest: Path, workers: int,
     for stale in (dest / "adapters").glob(".*"):  # half-saved by a killed build
         shutil.rmtree(stale)
     jobs = plan(recipe)
-    with _single_thread():
+    with single_thread():
         model, tokenizer = load_model()
         data = prepare_data(recipe, model, tokenizer, fortunes)
-        with _training(jobs, dest, (model, data, recipe), workers) as results:
+        # on an error or Ctrl-C, queued jobs are dropped; finished adapters stay on disk
+        with pooled_map(_train_adapter, jobs, dest, init=_init_worker,
+                        init_args=(model, data, recipe), clear=_WORKER.clear, workers=workers,
+                        chunksize=2) as results:
             results = list(progress(results, f"{recipe.name}: training LoRA adapters", len(jobs)))
     table = pd.DataFrame([job.row(result) for job, result in zip(jobs, results)])
     table.to_csv(dest / "metadata.csv", index=False)
@@ -449,12 +426,12 @@ def ensure_collection(name: str = "minilm_text", root: str | Path = "data", *,
     recipe = make_recipe(name, seed)
     root = Path(root)
     target = root / name
-    if not force and _built_hash(target) == recipe.hash:
+    if not force and built_hash(target) == recipe.hash:
         return target
     model_dir()  # fail early and clearly when the model package is missing
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(root, name):
-        if not force and _built_hash(target) == recipe.hash:  # built while we waited
+    with build_lock(root, name):
+        if not force and built_hash(target) == recipe.hash:  # built while we waited
             return target
         partial = root / f".{name}.partial-{recipe.hash}"
         for stale in root.glob(f".{name}.partial-*"):  # from another recipe: never resumable
@@ -462,7 +439,7 @@ def ensure_collection(name: str = "minilm_text", root: str | Path = "data", *,
                 shutil.rmtree(stale)
         partial.mkdir(mode=0o755, exist_ok=True)
         start = time.perf_counter()
-        build(recipe, partial, workers or min(_available_cores(), 8))
+        build(recipe, partial, workers or min(available_cores(), 8))
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
             target.rename(old / name)

@@ -1,0 +1,102 @@
+"""What every collection builder shares: deterministic training, worker pools, one build at a time.
+
+Each builder (digits, minilm_text) trains its adapters through `pooled_map` under `single_thread`,
+and publishes its folder under `build_lock` once `built_hash` says the recipe changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from itertools import repeat
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Train on one thread in this process too: the same bytes whatever the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def pooled_map(fn: Callable[..., Any], jobs: Iterable, *args: Any, init: Callable[..., None],
+               init_args: tuple, clear: Callable[[], None], workers: int,
+               chunksize: int = 1) -> Iterator[Iterator]:
+    """`fn(job, *args)` for every job, in order, run here or by `workers` forked processes.
+
+    `init(*init_args)` sets up the worker state `fn` reads (once per process); with one worker it
+    runs here and `clear()` drops that state on exit. `pool.map` submits every job at once, so
+    all workers fork here, before a progress bar starts its refresh thread (a fork must not copy
+    a lock that thread holds). On exit, error or Ctrl-C included, queued jobs are cancelled
+    instead of run.
+    """
+    constant = [repeat(a) for a in args]
+    if workers == 1:
+        init(*init_args)
+        try:
+            yield map(fn, jobs, *constant)
+        finally:
+            clear()
+        return
+    import peft  # noqa: F401  imported once here so that forked workers inherit it (~5 s each)
+
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=init,
+                               initargs=init_args)
+    try:
+        yield pool.map(fn, jobs, *constant, chunksize=chunksize)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def built_hash(folder: Path) -> str | None:
+    """The recipe hash a finished build recorded in `folder`, or None if there is none."""
+    try:
+        return json.loads((folder / "recipe.json").read_text())["hash"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@contextmanager
+def build_lock(root: Path, name: str) -> Iterator[None]:
+    """Serialize builds of one collection across processes (parallel sweep jobs, test workers).
+
+    Holding the lock, any leftover hidden build folder belongs to a killed build: remove it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on Windows: concurrent builds still end in one valid folder
+        yield
+        return
+    with open(root / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            for stale in [*root.glob(f".{name}.building-*"), *root.glob(f".{name}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def available_cores() -> int:
+    """Cores this process may use (a container's CPU affinity, not the host's core count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def disk_usage(folder: str | Path) -> int:
+    """Bytes the folder occupies on disk (allocated blocks, like `du`)."""
+    return sum(p.stat().st_blocks * 512 for p in Path(folder).rglob("*"))
