@@ -17,16 +17,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from w2t.datamodule import AdapterDataModule
+from w2t.errors import CollectionError
 from w2t.module import AdapterModel
 from w2t.run import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("classification", "performance", "retrieval")
 CONTRACT_KEYS = {
-    "classification": ["test/acc", "test/macro_f1", "test/auroc", "test/baseline_sketch/acc"],
-    "performance": ["test/r2", "test/spearman", "test/kendall", "test/mae", "test/baseline_sketch/spearman"],
+    "classification": ["test/acc", "test/macro_f1", "test/auroc", "test/baseline_sketch/acc",
+                       "val/acc", "val/baseline_sketch/acc"],
+    "performance": ["test/r2", "test/spearman", "test/kendall", "test/mae", "test/baseline_sketch/spearman",
+                    "val/spearman", "val/baseline_sketch/spearman"],
     "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
-                  "test/baseline_raw/mrr", "test/baseline_sketch/mrr"],
+                  "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "val/mrr", "val/baseline_sketch/mrr"],
 }
 
 
@@ -121,6 +125,19 @@ def test_checkpoint_loads_weights_only_and_resumes(tiny_collection, tmp_path):
     metrics = evaluate(cfg)
     assert "test/acc" in json.loads((evaluated / "metrics.json").read_text())
     assert math.isfinite(metrics["test/macro_f1"])
+
+
+def test_eval_encodes_labels_in_the_models_class_order(tiny_collection, tmp_path):
+    kw = dict(root=str(tiny_collection), label_column="transform", cache_dir=str(tmp_path / "cache"))
+    dm = AdapterDataModule(**kw)
+    dm.setup()
+    classes = dm.info.classes[::-1]  # as a model trained on another collection might order them
+    other = AdapterDataModule(**kw, classes=classes)
+    other.setup()
+    assert other.info.classes == classes
+    assert [classes[i] for i in other.targets["label"]] == other.table["transform"].astype(str).tolist()
+    with pytest.raises(CollectionError, match="not trained on"):
+        AdapterDataModule(**kw, classes=classes[1:]).setup()
 
 
 def test_wandb_offline_run(tiny_collection, tmp_path, monkeypatch):

@@ -91,6 +91,7 @@ class AdapterDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         output_dir: str | None = None,
         schema: dict | None = None,
+        classes: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -159,7 +160,13 @@ class AdapterDataModule(L.LightningDataModule):
         targets: dict[str, np.ndarray] = {}
         info = DataInfo(schema=self.schema.to_dict())
         if hp.label_column:
-            info.classes = sorted(t[hp.label_column].astype(str).unique().tolist())
+            values = t[hp.label_column].astype(str)
+            # a trained model's label order (eval.py) must win over the order this collection implies
+            info.classes = list(hp.classes) if hp.classes else sorted(values.unique().tolist())
+            unknown = sorted(set(values) - set(info.classes))
+            if unknown:
+                raise CollectionError(f"label_column '{hp.label_column}' has values the model was not trained on: "
+                                      f"{unknown[:10]} (it knows {info.classes})", path=self._root())
             targets["label"] = t[hp.label_column].astype(str).map({c: i for i, c in enumerate(info.classes)}).to_numpy(np.int64)
         if hp.label_columns:
             info.label_columns = list(hp.label_columns)

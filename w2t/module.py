@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from w2t.datamodule import DataInfo
 from w2t.encoder import W2TEncoder
@@ -88,6 +89,19 @@ class AdapterModel(L.LightningModule):
     def _eval_step(self, batch):
         out = self(batch["tokens"])
         self._eval.append({"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}})
+
+    @torch.no_grad()
+    def score(self, loader) -> dict[str, float]:
+        """Whole-split metrics of the current weights outside a Trainer (nothing is logged)."""
+        was_training = self.training
+        self.eval()
+        records = []
+        for batch in loader:
+            batch = move_data_to_device(batch, self.device)
+            records.append({"out": self(batch["tokens"]), **{k: v for k, v in batch.items() if k != "tokens"}})
+        self.train(was_training)
+        cat = {k: torch.cat([r[k] for r in records]) for k in records[0]}
+        return {k: float(v) for k, v in self.task.evaluate(cat["out"], cat).items()}
 
     def _eval_end(self, stage: str):
         if not self._eval:

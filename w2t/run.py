@@ -103,10 +103,10 @@ def train(cfg: DictConfig) -> float | None:
         return None if value is None else float(value)
 
     test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True)[0]
-    # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
-    val_metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    metrics = {k: float(v) for k, v in (test_metrics | val_metrics).items()}
+    metrics = {k: float(v) for k, v in test_metrics.items()}
     if trainer.is_global_zero:
+        # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
+        metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
         for stage in ("val", "test"):
             metrics |= baseline_metrics(dm, model, task, cfg.seed, stage)
@@ -161,6 +161,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.data.schema = model.hparams.info["schema"]
         cfg.data.representation = model.hparams.get("input", "canonical")
+        cfg.data.classes = model.hparams.info.get("classes") or None
     dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False)
     metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm)[0].items()}
