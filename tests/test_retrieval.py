@@ -5,9 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from w2t.baselines import sketch_features
+from w2t.datamodule import AdapterDataModule
 from w2t.retrieval import retrieval_metrics
-from w2t.tasks import supcon_loss
+from w2t.tasks import Retrieval, supcon_loss
 
 
 def brute_force(q, qg, g, gg, q_in_g, k=10):
@@ -78,3 +81,44 @@ def test_supcon_prefers_grouped_embeddings():
     good = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [-0.1, 1.0], [0.1, 1.0]]), dim=-1)
     bad = good[[0, 2, 1, 3]]
     assert supcon_loss(good, groups, 0.1) < supcon_loss(bad, groups, 0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tiny_collection, tmp_path_factory):
+    dm = AdapterDataModule(root=str(tiny_collection), group_column="task", role_column="role", eval_gallery=True,
+                           cache_dir=str(tmp_path_factory.mktemp("cache")))
+    dm.setup()
+    return dm, dm.whole_split("test")
+
+
+def test_sketch_fusion_ends_at_the_sketch_baseline(tiny_split):
+    dm, batch = tiny_split
+    emb = torch.randn(len(batch["index"]), 16, generator=torch.Generator().manual_seed(0))
+    head = Retrieval(16, dm.info, sketch_fusion=1.0).eval()
+    sketch = sketch_features(batch["tokens"], dm.schema, seed=Retrieval.SKETCH_SEED)
+    with torch.no_grad():
+        fused = head.score(head.eval_outputs(emb, batch["tokens"]), batch)
+        assert torch.allclose(head.outputs(emb, batch["tokens"])[:, 64:], F.normalize(sketch, dim=-1), atol=1e-6)
+    baseline = head.evaluate(sketch, batch)
+    assert fused["fusion"] == 1.0
+    assert {k: fused[k] for k in baseline} == pytest.approx(baseline)
+    with pytest.raises(ValueError, match="needs the tokens"):
+        head.outputs(emb)
+
+
+def test_auto_fusion_picks_the_best_weight_on_validation_and_keeps_it(tiny_split):
+    dm, batch = tiny_split
+    emb = torch.randn(len(batch["index"]), 16, generator=torch.Generator().manual_seed(1))
+    head = Retrieval(16, dm.info, sketch_fusion="auto", monitor="val/mrr").eval()
+    with torch.no_grad():
+        kept = head.eval_outputs(emb, batch["tokens"])
+        grid = [head.evaluate(head._fuse(kept, lam), batch)["mrr"] for lam in Retrieval.FUSION_GRID]
+        chosen = head.score(kept, batch, calibrate=True)
+    assert chosen["mrr"] == pytest.approx(max(grid))
+    assert chosen["learned/mrr"] == pytest.approx(grid[0])
+    lam = chosen["fusion"]
+    assert head.state_dict()["fusion"].item() == lam  # saved with the checkpoint
+    again = head.score(kept, batch)  # test: no calibration, the chosen weight is used
+    assert again["fusion"] == lam and again["mrr"] == pytest.approx(chosen["mrr"])
+    with pytest.raises(ValueError, match="sketch_fusion"):
+        Retrieval(16, dm.info, sketch_fusion=1.5)

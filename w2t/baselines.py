@@ -40,7 +40,7 @@ def sketch_features(tokens: Tokens, schema: TokenSchema, k: int = 8, seed: int =
     feats = []
     for g in schema.groups:
         t = tokens[g.name]
-        Ru, Rv = sketch_matrices(g, k, seed)
+        Ru, Rv = (R.to(t["u"].device) for R in sketch_matrices(g, k, seed))
         s = (t["s"] * t["mask"]).double()  # (B, L, R)
         pu = t["u"].double() @ Ru  # (B, L, R, k)
         pv = t["v"].double() @ Rv  # (B, L, R, k)

@@ -78,7 +78,7 @@ class AdapterModel(L.LightningModule):
         return self.task.monitor, self.task.mode
 
     def forward(self, tokens) -> torch.Tensor:
-        return self.task.outputs(self.encoder(tokens))
+        return self.task.outputs(self.encoder(tokens), tokens)
 
     def training_step(self, batch, batch_idx):
         loss = self.task.loss(self.encoder(batch["tokens"]), batch)
@@ -86,22 +86,22 @@ class AdapterModel(L.LightningModule):
         return loss
 
     # whole-split evaluation: keep every output, score once at epoch end ------------------------
+    def _record(self, batch) -> dict:
+        out = self.task.eval_outputs(self.encoder(batch["tokens"]), batch["tokens"])
+        return {"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}}
+
     def _eval_step(self, batch):
-        out = self(batch["tokens"])
-        self._eval.append({"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}})
+        self._eval.append(self._record(batch))
 
     @torch.no_grad()
     def score(self, loader) -> dict[str, float]:
-        """Whole-split metrics of the current weights outside a Trainer (nothing is logged)."""
+        """Whole-split metrics of the current weights outside a Trainer (nothing is logged or calibrated)."""
         was_training = self.training
         self.eval()
-        records = []
-        for batch in loader:
-            batch = move_data_to_device(batch, self.device)
-            records.append({"out": self(batch["tokens"]), **{k: v for k, v in batch.items() if k != "tokens"}})
+        records = [self._record(move_data_to_device(batch, self.device)) for batch in loader]
         self.train(was_training)
         cat = {k: torch.cat([r[k] for r in records]) for k in records[0]}
-        return {k: float(v) for k, v in self.task.evaluate(cat["out"], cat).items()}
+        return {k: float(v) for k, v in self.task.score(cat["out"], cat).items()}
 
     def _eval_end(self, stage: str):
         if not self._eval:
@@ -113,7 +113,7 @@ class AdapterModel(L.LightningModule):
             first = np.unique(cat["index"].cpu().numpy(), return_index=True)[1]
             keep = torch.as_tensor(first, device=cat["index"].device)
             cat = {k: v[keep] for k, v in cat.items()}
-        metrics = self.task.evaluate(cat["out"], cat)
+        metrics = self.task.score(cat["out"], cat, calibrate=stage == "val")
         self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, prog_bar=stage == "val", sync_dist=False)
 
     def validation_step(self, batch, batch_idx):

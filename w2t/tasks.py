@@ -17,7 +17,9 @@ from torchmetrics.functional import (
 )
 from torchmetrics.functional.classification import accuracy, f1_score
 
+from w2t.baselines import sketch_features
 from w2t.retrieval import retrieval_metrics
+from w2t.tokens import Tokens, TokenSchema
 
 
 def _mlp(d_in: int, d_out: int, hidden: int, dropout: float) -> nn.Module:
@@ -31,9 +33,18 @@ class Task(nn.Module):
     def loss(self, emb: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def outputs(self, emb: torch.Tensor) -> torch.Tensor:
-        """What evaluation keeps per adapter (predictions or retrieval embeddings)."""
+    def outputs(self, emb: torch.Tensor, tokens: Tokens | None = None) -> torch.Tensor:
+        """Per adapter: predictions, or the retrieval embedding."""
         return self.head(emb)
+
+    def eval_outputs(self, emb: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """What whole-split evaluation keeps per adapter (`score` turns it into metrics)."""
+        return self.outputs(emb, tokens)
+
+    def score(self, kept: torch.Tensor, batch: dict, calibrate: bool = False) -> dict[str, float]:
+        """Metrics of a whole split from `eval_outputs`; `calibrate`: the validation pass may fit
+        post-hoc settings of the head (saved with the checkpoint, then used on test)."""
+        return self.evaluate(kept, batch)
 
     def evaluate(self, out: torch.Tensor, batch: dict) -> dict[str, float]:
         raise NotImplementedError
@@ -87,7 +98,7 @@ class Regression(Task):
         self.head = _mlp(d, 1, hidden, dropout)
         self.mean, self.std = info.target_mean, info.target_std
 
-    def outputs(self, emb):
+    def outputs(self, emb, tokens=None):
         return self.head(emb).squeeze(-1) * self.std + self.mean
 
     def loss(self, emb, batch):
@@ -104,15 +115,22 @@ class Regression(Task):
 class Retrieval(Task):
     """Supervised contrastive (InfoNCE) on groups; ranked by cosine of the projected embedding.
 
-    `proxy_weight` adds a learned proxy per group (normalized-softmax cross-entropy): with a few
-    hundred adapters over tens of groups a batch holds about one positive per anchor, so the
-    contrastive term alone gets little signal; the proxies see every group at every step.
+    `sketch_fusion` λ appends the fixed invariant sketch of ΔW (the baseline of DESIGN §5) to the
+    embedding as [√(1-λ)·z, √λ·s] with both parts unit-norm, so cosine ranks by (1-λ)·cos z + λ·cos s:
+    the sketch keeps the direction of each update, which a few hundred training adapters cannot
+    teach; the learned part adds what the sketch misses. "auto" picks λ on every validation pass
+    (grid, the monitored metric); the chosen λ is a buffer, saved with the checkpoint. 0: off.
+    `proxy_weight` adds a learned proxy per group (normalized-softmax cross-entropy), which sees
+    every group at every step where a batch holds about one positive per anchor.
     """
 
     mode = "max"
+    FUSION_GRID = torch.linspace(0, 1, 21).tolist()
+    SKETCH_SEED = 0  # fixed: the sketch is part of the model, not of the run's seed
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
-                 monitor: str = "val/map", proxy_weight: float = 0.0):
+                 monitor: str = "val/map", proxy_weight: float = 0.0, sketch_fusion: float | str = 0.0,
+                 sketch_dim: int = 8):
         super().__init__()
         if monitor not in {f"val/{k}" for k in ("mrr", "map", "hit@1", "hit@10", "ndcg@10")}:
             raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
@@ -123,12 +141,49 @@ class Retrieval(Task):
         self.temperature = temperature
         self.proxy_weight = proxy_weight
         self.proxies = nn.Parameter(torch.randn(info.num_groups, proj_dim)) if proxy_weight > 0 else None
+        self.auto_fusion = sketch_fusion == "auto"
+        if not self.auto_fusion and not (isinstance(sketch_fusion, (int, float)) and 0 <= sketch_fusion <= 1):
+            raise ValueError(f"sketch_fusion must be 'auto' or a weight in [0, 1], got {sketch_fusion!r}")
+        self.register_buffer("fusion", torch.tensor(0.5 if self.auto_fusion else float(sketch_fusion)))
+        fused = self.auto_fusion or sketch_fusion > 0
+        self.schema = TokenSchema.from_dict(info.schema) if fused else None
+        self.proj_dim, self.sketch_dim = proj_dim, sketch_dim
 
-    def outputs(self, emb):
+    def _learned(self, emb):
         return F.normalize(self.head(emb), dim=-1)
 
+    def eval_outputs(self, emb, tokens):
+        """[z, s], each unit-norm and unweighted, so that validation can choose λ."""
+        z = self._learned(emb)
+        if self.schema is None:
+            return z
+        s = sketch_features(tokens, self.schema, k=self.sketch_dim, seed=self.SKETCH_SEED).to(z)
+        return torch.cat([z, F.normalize(s, dim=-1)], -1)
+
+    def _fuse(self, parts, lam: float):
+        z, s = parts[:, : self.proj_dim], parts[:, self.proj_dim:]
+        return torch.cat([(1 - lam) ** 0.5 * z, lam**0.5 * s], -1)
+
+    def outputs(self, emb, tokens=None):
+        if self.schema is None:
+            return self._learned(emb)
+        if tokens is None:
+            raise ValueError("this retrieval head fuses the ΔW sketch: outputs() needs the tokens")
+        return self._fuse(self.eval_outputs(emb, tokens), float(self.fusion))
+
+    def score(self, kept, batch, calibrate=False):
+        if self.schema is None:
+            return self.evaluate(kept, batch)
+        if calibrate and self.auto_fusion:
+            key = self.monitor.removeprefix("val/")
+            scores = [self.evaluate(self._fuse(kept, lam), batch)[key] for lam in self.FUSION_GRID]
+            self.fusion.fill_(self.FUSION_GRID[max(range(len(scores)), key=scores.__getitem__)])  # first best
+        lam = float(self.fusion)
+        learned = {f"learned/{k}": v for k, v in self.evaluate(self._fuse(kept, 0.0), batch).items()}
+        return self.evaluate(self._fuse(kept, lam), batch) | learned | {"fusion": lam}
+
     def loss(self, emb, batch):
-        z = self.outputs(emb)
+        z = self._learned(emb)
         loss = supcon_loss(z, batch["group"], self.temperature)
         if self.proxies is not None:
             logits = z @ F.normalize(self.proxies, dim=-1).T / self.temperature
