@@ -75,7 +75,14 @@ def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
         lines += [f"**{experiment}** (test split; mean ± std over seeds {', '.join(map(str, seeds))})", "",
                   "| model | " + " | ".join(keys) + " | params | train adapters/s |",
                   "|---" * (len(keys) + 3) + "|"]
-        rows = dict(by_model)
+        rows = {}
+        for name, ms in by_model.items():
+            if f"test/learned/{keys[0]}" not in ms[0]:
+                rows[name] = ms
+                continue
+            # retrieval with sketch fusion: the fused embedding, then its learned part alone
+            rows[f"{name} (λ {np.mean([m['test/fusion'] for m in ms]):.2f})"] = ms
+            rows[f"{name}: learned part"] = [{f"test/{k}": m[f"test/learned/{k}"] for k in keys} for m in ms]
         first = next(iter(by_model.values()))
         for b in ("sketch", "raw"):  # the non-learned baselines every run also scores (DESIGN §5)
             if f"test/baseline_{b}/{keys[0]}" in first[0]:

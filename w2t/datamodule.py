@@ -101,16 +101,17 @@ class AdapterDataModule(L.LightningDataModule):
 
     # ---- setup -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self._root()  # builds the default collection once, on one process
+        # Lightning calls this on one process: build the collection and the cache here, so that
+        # DDP ranks' `setup` only find entries instead of each canonicalizing every adapter
+        self._prepared = self._cached_table()
 
     def _root(self) -> Path:
         if self.hp.root:
             return Path(self.hp.root)
         return ensure_collection(self.hp.collection, self.hp.data_dir)
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "table"):
-            return
+    def _cached_table(self):
+        """(root, metadata, cache report): the collection read and every adapter in the token cache."""
         hp = self.hp
         root = self._root()
         table = read_metadata(root)
@@ -119,6 +120,13 @@ class AdapterDataModule(L.LightningDataModule):
                                         representation=hp.representation))
         report = cache.build(list(zip(table["adapter_id"].astype(str), table["abs_path"])), workers=hp.cache_workers,
                              strict=hp.strict)
+        return root, table, cache, report
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "table"):
+            return
+        hp = self.hp
+        root, table, cache, report = self.__dict__.pop("_prepared", None) or self._cached_table()
         self.cache_report = report
         if report.failed:
             log.warning("%d bad adapters skipped (listed in %s)", len(report.failed), cache.dir)

@@ -25,7 +25,10 @@ MAIN_KEYS = {
 def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str = "w2t") -> None:
     """One row per method: the trained model (`name`), then each baseline found in `metrics`."""
     keys = MAIN_KEYS[task]
-    rows = [(f"{name} (trained)", "test/")]
+    fusion = metrics.get("test/fusion")
+    rows = [(f"{name} (trained)" if fusion is None else f"{name} (trained, sketch λ={fusion:.2f})", "test/")]
+    if fusion is not None:
+        rows.append((f"{name}: learned part alone", "test/learned/"))
     rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in ("raw", "sketch") if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
     table = Table(title=f"{task} — test split ({int(metrics.get('train_adapters', 0))} training adapters)")
     table.add_column("method")
