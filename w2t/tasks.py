@@ -129,7 +129,7 @@ class Retrieval(Task):
     SKETCH_SEED = 0  # fixed: the sketch is part of the model, not of the run's seed
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
-                 monitor: str = "val/map", proxy_weight: float = 0.0, sketch_fusion: float | str = 0.0,
+                 monitor: str = "val/mrr", proxy_weight: float = 0.0, sketch_fusion: float | str = 0.0,
                  sketch_dim: int = 8):
         super().__init__()
         if monitor not in {f"val/{k}" for k in ("mrr", "map", "hit@1", "hit@10", "ndcg@10")}:
