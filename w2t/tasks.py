@@ -120,8 +120,6 @@ class Retrieval(Task):
     the sketch keeps the direction of each update, which a few hundred training adapters cannot
     teach; the learned part adds what the sketch misses. "auto" picks λ on every validation pass
     (grid, the monitored metric); the chosen λ is a buffer, saved with the checkpoint. 0: off.
-    `proxy_weight` adds a learned proxy per group (normalized-softmax cross-entropy), which sees
-    every group at every step where a batch holds about one positive per anchor.
     """
 
     mode = "max"
@@ -129,8 +127,7 @@ class Retrieval(Task):
     SKETCH_SEED = 0  # fixed: the sketch is part of the model, not of the run's seed
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
-                 monitor: str = "val/mrr", proxy_weight: float = 0.0, sketch_fusion: float | str = 0.0,
-                 sketch_dim: int = 8):
+                 monitor: str = "val/mrr", sketch_fusion: float | str = 0.0, sketch_dim: int = 8):
         super().__init__()
         if monitor not in {f"val/{k}" for k in ("mrr", "map", "hit@1", "hit@10", "ndcg@10")}:
             raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
@@ -139,8 +136,6 @@ class Retrieval(Task):
             raise ValueError("retrieval needs data.group_column with ≥ 2 groups")
         self.head = _mlp(d, proj_dim, hidden, dropout)
         self.temperature = temperature
-        self.proxy_weight = proxy_weight
-        self.proxies = nn.Parameter(torch.randn(info.num_groups, proj_dim)) if proxy_weight > 0 else None
         self.auto_fusion = sketch_fusion == "auto"
         if not self.auto_fusion and not (isinstance(sketch_fusion, (int, float)) and 0 <= sketch_fusion <= 1):
             raise ValueError(f"sketch_fusion must be 'auto' or a weight in [0, 1], got {sketch_fusion!r}")
@@ -183,19 +178,7 @@ class Retrieval(Task):
         return self.evaluate(self._fuse(kept, lam), batch) | learned | {"fusion": lam}
 
     def loss(self, emb, batch):
-        z = self._learned(emb)
-        loss = supcon_loss(z, batch["group"], self.temperature)
-        if self.proxies is not None:
-            logits = z @ F.normalize(self.proxies, dim=-1).T / self.temperature
-            loss = loss + self.proxy_weight * F.cross_entropy(logits, batch["group"])
-        return loss
-
-    def evaluate(self, out, batch):
-        q = batch["in_split"] & batch["is_query"]
-        g = batch["in_gallery"]
-        g_idx = torch.full((len(out),), -1, dtype=torch.long, device=out.device)
-        g_idx[g] = torch.arange(int(g.sum()), device=out.device)
-        return retrieval_metrics(out[q], batch["group"][q], out[g], batch["group"][g], query_in_gallery=g_idx[q])
+        return supcon_loss(self._learned(emb), batch["group"], self.temperature)
 
 
 def supcon_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
