@@ -180,6 +180,13 @@ class Retrieval(Task):
     def loss(self, emb, batch):
         return supcon_loss(self._learned(emb), batch["group"], self.temperature)
 
+    def evaluate(self, out, batch):
+        q = batch["in_split"] & batch["is_query"]
+        g = batch["in_gallery"]
+        g_idx = torch.full((len(out),), -1, dtype=torch.long, device=out.device)
+        g_idx[g] = torch.arange(int(g.sum()), device=out.device)
+        return retrieval_metrics(out[q], batch["group"][q], out[g], batch["group"][g], query_in_gallery=g_idx[q])
+
 
 def supcon_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
     """Khosla et al. supervised contrastive loss; anchors without a positive in the batch are skipped."""
