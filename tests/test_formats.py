@@ -29,7 +29,10 @@ from w2t import (
     ShapeMismatchError,
     load_adapter,
 )
+from w2t.canonical import canonicalize_adapter
+from w2t.errors import SchemaError
 from w2t.keys import parse_module_name, split_key
+from w2t.tokens import TokenSchema, tokenize
 
 
 # --- key names -----------------------------------------------------------------------------------
@@ -252,6 +255,12 @@ def test_shared_identity_is_reported(tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "f.safetensors")
     adapter = load_adapter(tmp_path / "f.safetensors")
     assert len(adapter) == 2 and any("shared by several modules" in note for note in adapter.notes)
+    modules = canonicalize_adapter(adapter)
+    schema = TokenSchema.from_modules(modules)
+    _, left_out = tokenize(modules, schema, strict=False)  # the second never overwrites the first
+    assert len(left_out) == 1 and "already taken" in left_out[0]
+    with pytest.raises(SchemaError, match="already taken"):
+        tokenize(modules, schema)
 
 
 @pytest.mark.parametrize(

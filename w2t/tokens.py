@@ -97,14 +97,17 @@ def tokenize(
             "mask": torch.zeros(g.num_layers, g.max_rank, dtype=torch.bool),  # (L, R)
         }
     unknown: list[str] = []
+    taken: set[tuple[str, int]] = set()
     for mod in modules:
         g = schema.group_for(mod.module_type, *mod.shape)
         r = mod.S.shape[0]
-        if g is None or mod.layer not in g.layers or r > g.max_rank:
-            why = "unknown type/shape" if g is None else ("unknown layer" if mod.layer not in g.layers else f"rank {r} > {g.max_rank}")
+        li = g.layers.index(mod.layer) if g is not None and mod.layer in g.layers else -1
+        if g is None or li < 0 or r > g.max_rank or (g.name, li) in taken:
+            why = ("unknown type/shape" if g is None else "unknown layer" if li < 0 else f"rank {r} > {g.max_rank}"
+                   if r > g.max_rank else "position already taken by another module of the same (type, layer)")
             unknown.append(f"{mod.module_type}[layer {mod.layer}, {mod.shape[0]}x{mod.shape[1]}]: {why}")
             continue
-        li = g.layers.index(mod.layer)
+        taken.add((g.name, li))
         t = out[g.name]
         t["u"][li, :r] = mod.U.T.to(dtype)
         t["v"][li, :r] = mod.V.T.to(dtype)
