@@ -31,13 +31,10 @@ from w2t.report import MAIN_KEYS  # noqa: E402
 MODELS = ["w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
 # W2T options worth ablating: name -> overrides on top of model=w2t
 ABLATIONS = {
-    "w2t-no-sign-rule": ["model=w2t", "data.sign_rule=false", "model.encoder.sign_flip=true"],
-    "w2t+log-sigma": ["model=w2t", "model.encoder.log_sigma=true"],
-    "w2t+rank-encoder": ["model=w2t", "model.encoder.rank_encoder=true"],
-    "w2t-no-sketch": ["model=w2t", "model.encoder.sketch_dim=0"],
-    # the learned sketch Pᵤ·ΔW·Pᵥᵀ is the same for every factorization even on raw input: without it,
-    # w2t vs w2t_raw isolates what canonicalizing the rank tokens is worth
-    "w2t_raw-no-sketch": ["model=w2t_raw", "model.encoder.sketch_dim=0"],
+    "w2t-no-transformer": ["model=w2t", "model.encoder.depth=0"],
+    "w2t-no-sigma": ["model=w2t", "model.encoder.sigma_features=false"],
+    "w2t-k8": ["model=w2t", "model.encoder.sketch_dim=8"],
+    "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
 }
 PRIMARY = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}
 LOWER_IS_BETTER = {"mae"}

@@ -124,3 +124,73 @@ def test_zero_adapter_is_fully_masked_and_encodes(tmp_path):
     toks, _ = tokenize(mods, TokenSchema.from_modules(mods))
     enc = W2TEncoder(TokenSchema.from_modules(mods), EncoderConfig(d_model=32, n_heads=4, depth=1)).eval()
     assert torch.isfinite(enc(collate_tokens([toks]))).all()
+
+
+def _with_tied_sigmas(tokens):
+    """The same tokens with σ₁ = σ₂ in every module, so that (u₁, u₂) may rotate freely (DESIGN §2)."""
+    out = {g: {k: v.clone() for k, v in t.items()} for g, t in tokens.items()}
+    for t in out.values():
+        t["s"][:, 1] = t["s"][:, 0]
+    return out
+
+
+def _edit(tokens, fn):
+    out = {g: {k: v.clone() for k, v in t.items()} for g, t in tokens.items()}
+    for t in out.values():
+        fn(t)
+    return out
+
+
+def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama):
+    """Sign flips, rank order and rotations among tied σ change the tokens, never the encoder's output:
+    it is a function of ΔW alone, so it needs no sign rule. Changing ΔW itself does change it."""
+    ref = _with_tied_sigmas(tokens_of(load_adapter(llama, dtype=torch.float64))[0])
+    schema = TokenSchema.from_modules(canonicalize_adapter(load_adapter(llama)))
+    torch.manual_seed(0)
+    enc = W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval()
+    for block in enc.modules_tf.layers:  # trained-like residual branches, not the zero init
+        torch.nn.init.normal_(block.self_attn.out_proj.weight, std=0.2)
+        torch.nn.init.normal_(block.linear2.weight, std=0.2)
+
+    def flip(t):  # (uᵢ, vᵢ) → (−uᵢ, −vᵢ) for ranks 0 and 2
+        t["u"][:, [0, 2]] *= -1
+        t["v"][:, [0, 2]] *= -1
+
+    def permute(t):
+        perm = torch.randperm(t["s"].shape[1], generator=torch.Generator().manual_seed(1))
+        for k in ("u", "v", "s", "mask"):
+            t[k] = t[k][:, perm]
+
+    def rotate(t):  # a rotation inside the span of the tied components 0 and 1
+        c, s = math.cos(0.7), math.sin(0.7)
+        for k in ("u", "v"):
+            a, b = t[k][:, 0].clone(), t[k][:, 1].clone()
+            t[k][:, 0], t[k][:, 1] = c * a + s * b, -s * a + c * b
+
+    def perturb(t):  # a different ΔW: σ₂ doubled
+        t["s"][:, 2] *= 2
+
+    variants = {name: _edit(ref, fn) for name, fn in [("flip", flip), ("permute", permute), ("rotate", rotate),
+                                                       ("perturb", perturb)]}
+    for name in ("flip", "permute", "rotate"):
+        assert max_diff(ref, variants[name]) > 0.1, f"{name} must change the tokens themselves"
+    with torch.no_grad():
+        z = enc(collate_tokens([ref, *variants.values()]))
+    scale = z[0].abs().max().item()
+    for i, name in enumerate(variants, start=1):
+        change = (z[i] - z[0]).abs().max().item()
+        if name == "perturb":
+            assert change > 1e-2 * scale, "the encoder must respond to a change of ΔW"
+        else:
+            assert change < 1e-10 * scale, f"{name}: output moved by {change:.2e}"
+
+
+def test_encoder_parameters_do_not_grow_with_depth_except_position_binding(tmp_path):
+    """Projections are shared per module type: a deeper model adds only its binding matrices."""
+    def n_params(layers):
+        mods = canonicalize_adapter(load_adapter(llama_adapter(tmp_path / f"l{layers}", num_layers=layers).path))
+        enc = W2TEncoder(TokenSchema.from_modules(mods), EncoderConfig(d_model=32, d_module=16, depth=1))
+        return enc.num_parameters(), len(TokenSchema.from_modules(mods).groups)
+
+    (p3, types), (p6, _) = n_params(3), n_params(6)
+    assert p6 - p3 == 3 * types * 16 * 32  # 3 more layers × types × one d_module × d_model binding each

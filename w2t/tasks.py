@@ -23,6 +23,9 @@ from w2t.tokens import Tokens, TokenSchema
 
 
 def _mlp(d_in: int, d_out: int, hidden: int, dropout: float) -> nn.Module:
+    """A one-hidden-layer MLP; `hidden=0`: a linear map (keeps a linear encoder's geometry)."""
+    if not hidden:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, d_out))
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from w2t.encoder import ModulePositions, _signed_log, pool_modules
+from w2t.layers import ModulePositions, pool_modules, signed_log
 from w2t.pretrained import PretrainedMixin
 from w2t.tokens import TokenSchema, Tokens
 
@@ -128,7 +128,7 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
             U, V = layer(U, V)
         pu, pv = U @ self.head_u[i], V @ self.head_v[i]  # (B, L, C, r, k)
         sk = torch.einsum("blcri,blcrj->blcij", pu, pv).flatten(2)  # Pᵤᵀ U Vᵀ Pᵥ per channel
-        feats = torch.cat([_signed_log(sk), torch.log1p(_frob(U, V)), torch.log(norm.clamp_min(1e-12)).unsqueeze(-1) / 10], -1)
+        feats = torch.cat([signed_log(sk), torch.log1p(_frob(U, V)), torch.log(norm.clamp_min(1e-12)).unsqueeze(-1) / 10], -1)
         present = t["mask"].any(-1)  # (B, L)
         tok = self.positions(i, self.module_norm(self.head(feats)))
         return tok * present.unsqueeze(-1), present

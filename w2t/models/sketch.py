@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from w2t.baselines import sketch_matrices
-from w2t.encoder import _signed_log
+from w2t.layers import signed_log
 from w2t.pretrained import PretrainedMixin
 from w2t.tokens import TokenSchema, Tokens
 
@@ -53,4 +53,4 @@ class SketchEncoder(nn.Module, PretrainedMixin):
             pu = (t["u"] * g.m**0.5) @ getattr(self, f"Ru_{i}")  # (B, L, R, k)
             pv = (t["v"] * g.n**0.5) @ getattr(self, f"Rv_{i}")
             feats.append(torch.einsum("blri,blr,blrj->blij", pu, t["s"] * t["mask"], pv).flatten(1))
-        return self.mlp(_signed_log(torch.cat(feats, 1)))
+        return self.mlp(signed_log(torch.cat(feats, 1)))
