@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
 
-from w2t.report import MAIN_KEYS  # noqa: E402
+from w2t.report import BASELINES, MAIN_KEYS  # noqa: E402
 
 MODELS = ["w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
 # W2T options worth ablating: name -> overrides on top of model=w2t
@@ -81,7 +81,7 @@ def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
             rows[f"{name} (λ {np.mean([m['test/fusion'] for m in ms]):.2f})"] = ms
             rows[f"{name}: learned part"] = [{f"test/{k}": m[f"test/learned/{k}"] for k in keys} for m in ms]
         first = next(iter(by_model.values()))
-        for b in ("sketch", "raw"):  # the non-learned baselines every run also scores (DESIGN §5)
+        for b in BASELINES:  # the non-learned baselines every run also scores (DESIGN §5, w2t/baselines.py)
             if f"test/baseline_{b}/{keys[0]}" in first[0]:
                 rows[f"baseline: {b}"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys} for m in first]
         best = {k: (min if k in LOWER_IS_BETTER else max)(np.mean([m[f"test/{k}"] for m in ms]) for ms in rows.values())

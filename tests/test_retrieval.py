@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from w2t.baselines import sketch_features
+from w2t.baselines import delta_w_features, sketch_features
 from w2t.datamodule import AdapterDataModule
 from w2t.retrieval import retrieval_metrics
 from w2t.tasks import Retrieval, supcon_loss
@@ -122,3 +122,22 @@ def test_auto_fusion_picks_the_best_weight_on_validation_and_keeps_it(tiny_split
     assert again["fusion"] == lam and again["mrr"] == pytest.approx(chosen["mrr"])
     with pytest.raises(ValueError, match="sketch_fusion"):
         Retrieval(16, dm.info, sketch_fusion=1.5)
+
+
+def test_delta_w_baseline_is_the_cosine_of_normalized_updates(tiny_split):
+    """With k ≥ every module width the ΔW features are exact: their inner products are the summed
+    cosines of the modules' updates, formed here explicitly as U diag(S) Vᵀ."""
+    dm, batch = tiny_split
+    k = max(max(g.m, g.n) for g in dm.schema.groups)
+    feats = delta_w_features(batch["tokens"], dm.schema, k=k).double()
+    explicit = []
+    for g in dm.schema.groups:
+        t = batch["tokens"][g.name]
+        dw = torch.einsum("blrm,blr,blrn->blmn", t["u"].double(), (t["s"] * t["mask"]).double(), t["v"].double())
+        explicit.append(F.normalize(dw.flatten(2), dim=-1).flatten(1))
+    explicit = torch.cat(explicit, 1)
+    assert torch.allclose(feats @ feats.T, explicit @ explicit.T, atol=1e-5)
+    small = delta_w_features(batch["tokens"], dm.schema, k=2).double()  # a sketch: approximate only
+    assert not torch.allclose(small @ small.T, explicit @ explicit.T, atol=1e-2)
+    with_norms = delta_w_features(batch["tokens"], dm.schema, k=k, norms=True)
+    assert with_norms.shape[1] == feats.shape[1] + sum(g.num_layers for g in dm.schema.groups)

@@ -21,6 +21,8 @@ MAIN_KEYS = {
     "retrieval": ["mrr", "hit@1", "hit@10", "ndcg@10", "map"],
 }
 
+BASELINES = ("raw", "sketch", "dw")  # w2t/baselines.py; each run scores those its task has
+
 
 def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str = "w2t") -> None:
     """One row per method: the trained model (`name`), then each baseline found in `metrics`."""
@@ -29,7 +31,7 @@ def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str
     rows = [(f"{name} (trained)" if fusion is None else f"{name} (trained, sketch λ={fusion:.2f})", "test/")]
     if fusion is not None:
         rows.append((f"{name}: learned part alone", "test/learned/"))
-    rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in ("raw", "sketch") if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
+    rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in BASELINES if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
     table = Table(title=f"{task} — test split ({int(metrics.get('train_adapters', 0))} training adapters)")
     table.add_column("method")
     for k in keys:

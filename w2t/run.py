@@ -5,6 +5,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from w2t.baselines import fit_outputs, raw_features, sketch_features
+from w2t.baselines import delta_w_features, fit_outputs, raw_features, sketch_features
 from w2t.datamodule import AdapterDataModule
 from w2t.formats import load_adapter
 from w2t.models.spectral import SpectralModel
@@ -48,19 +49,23 @@ def _loggers(cfg: DictConfig) -> list:
 
 def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed: int,
                      stage: str = "test") -> dict[str, float]:
-    """The baselines of DESIGN §5 scored with the task's own `evaluate`, on the `stage` split."""
+    """The baselines of DESIGN §5 (and the normalized-ΔW one, w2t/baselines.py), scored with the
+    task's own `evaluate` on the `stage` split."""
     split = dm.whole_split(stage)
-    sketch = sketch_features(split["tokens"], dm.schema, seed=seed)
     out: dict[str, float] = {}
     if task == "retrieval":
         raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in split["index"]])
-        for name, feats in (("raw", raw), ("sketch", sketch)):
-            out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(feats, split).items()}
+        feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed),
+                 "dw": delta_w_features(split["tokens"], dm.schema, seed=seed)}
+        for name, x in feats.items():
+            out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(x, split).items()}
         return out
     train = dm.whole_split("train")
-    X_train = sketch_features(train["tokens"], dm.schema, seed=seed).numpy()
-    scores = model.task.evaluate(fit_outputs(model.task, task, X_train, train, sketch.numpy(), seed=seed), split)
-    return {f"{stage}/baseline_sketch/{k}": float(v) for k, v in scores.items()}
+    for name, fn in (("sketch", sketch_features), ("dw", partial(delta_w_features, norms=True))):
+        X_train, X = (fn(s["tokens"], dm.schema, seed=seed).numpy() for s in (train, split))
+        scores = model.task.evaluate(fit_outputs(model.task, task, X_train, train, X, seed=seed), split)
+        out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in scores.items()}
+    return out
 
 
 def setup_run(cfg: DictConfig) -> tuple[AdapterDataModule, AdapterModel | SpectralModel]:
