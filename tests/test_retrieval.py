@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from w2t.baselines import delta_w_features, sketch_features
 from w2t.datamodule import AdapterDataModule
 from w2t.retrieval import retrieval_metrics
-from w2t.tasks import Retrieval, supcon_loss
+from w2t.tasks import Retrieval, neighbourhood_loss, supcon_loss
 
 
 def brute_force(q, qg, g, gg, q_in_g, k=10):
@@ -141,3 +141,12 @@ def test_delta_w_baseline_is_the_cosine_of_normalized_updates(tiny_split):
     assert not torch.allclose(small @ small.T, explicit @ explicit.T, atol=1e-2)
     with_norms = delta_w_features(batch["tokens"], dm.schema, k=k, norms=True)
     assert with_norms.shape[1] == feats.shape[1] + sum(g.num_layers for g in dm.schema.groups)
+
+
+def test_neighbourhood_loss_is_zero_on_the_teacher_geometry_and_grows_away_from_it():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    z = F.normalize(teacher, dim=-1)
+    assert neighbourhood_loss(z, teacher * 3.0, 0.1, 0.1).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
+    shuffled = z[torch.randperm(12, generator=gen)]
+    assert neighbourhood_loss(shuffled, teacher, 0.1, 0.1) > 0.1

@@ -17,7 +17,7 @@ from torchmetrics.functional import (
 )
 from torchmetrics.functional.classification import accuracy, f1_score
 
-from w2t.baselines import sketch_features
+from w2t.baselines import delta_w_features, sketch_features
 from w2t.retrieval import retrieval_metrics
 from w2t.tokens import Tokens, TokenSchema
 
@@ -130,7 +130,8 @@ class Retrieval(Task):
     SKETCH_SEED = 0  # fixed: the sketch is part of the model, not of the run's seed
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
-                 monitor: str = "val/mrr", sketch_fusion: float | str = 0.0, sketch_dim: int = 8):
+                 monitor: str = "val/mrr", sketch_fusion: float | str = 0.0, sketch_dim: int = 8,
+                 geometry: float = 0.0, geometry_temperature: float = 0.05):
         super().__init__()
         if monitor not in {f"val/{k}" for k in ("mrr", "map", "hit@1", "hit@10", "ndcg@10")}:
             raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
@@ -143,9 +144,10 @@ class Retrieval(Task):
         if not self.auto_fusion and not (isinstance(sketch_fusion, (int, float)) and 0 <= sketch_fusion <= 1):
             raise ValueError(f"sketch_fusion must be 'auto' or a weight in [0, 1], got {sketch_fusion!r}")
         self.register_buffer("fusion", torch.tensor(0.5 if self.auto_fusion else float(sketch_fusion)))
-        fused = self.auto_fusion or sketch_fusion > 0
-        self.schema = TokenSchema.from_dict(info.schema) if fused else None
+        self.fused = self.auto_fusion or sketch_fusion > 0
+        self.schema = TokenSchema.from_dict(info.schema)
         self.proj_dim, self.sketch_dim = proj_dim, sketch_dim
+        self.geometry, self.geometry_temperature = geometry, geometry_temperature
 
     def _learned(self, emb):
         return F.normalize(self.head(emb), dim=-1)
@@ -153,7 +155,7 @@ class Retrieval(Task):
     def eval_outputs(self, emb, tokens):
         """[z, s], each unit-norm and unweighted, so that validation can choose λ."""
         z = self._learned(emb)
-        if self.schema is None:
+        if not self.fused:
             return z
         s = sketch_features(tokens, self.schema, k=self.sketch_dim, seed=self.SKETCH_SEED).to(z)
         return torch.cat([z, F.normalize(s, dim=-1)], -1)
@@ -163,14 +165,14 @@ class Retrieval(Task):
         return torch.cat([(1 - lam) ** 0.5 * z, lam**0.5 * s], -1)
 
     def outputs(self, emb, tokens=None):
-        if self.schema is None:
+        if not self.fused:
             return self._learned(emb)
         if tokens is None:
             raise ValueError("this retrieval head fuses the ΔW sketch: outputs() needs the tokens")
         return self._fuse(self.eval_outputs(emb, tokens), float(self.fusion))
 
     def score(self, kept, batch, calibrate=False):
-        if self.schema is None:
+        if not self.fused:
             return self.evaluate(kept, batch)
         if calibrate and self.auto_fusion:
             key = self.monitor.removeprefix("val/")
@@ -181,7 +183,12 @@ class Retrieval(Task):
         return self.evaluate(self._fuse(kept, lam), batch) | learned | {"fusion": lam}
 
     def loss(self, emb, batch):
-        return supcon_loss(self._learned(emb), batch["group"], self.temperature)
+        z = self._learned(emb)
+        loss = supcon_loss(z, batch["group"], self.temperature)
+        if self.geometry:
+            teacher = delta_w_features(batch["tokens"], self.schema).to(z)
+            loss = loss + self.geometry * neighbourhood_loss(z, teacher, self.temperature, self.geometry_temperature)
+        return loss
 
     def evaluate(self, out, batch):
         q = batch["in_split"] & batch["is_query"]
@@ -189,6 +196,18 @@ class Retrieval(Task):
         g_idx = torch.full((len(out),), -1, dtype=torch.long, device=out.device)
         g_idx[g] = torch.arange(int(g.sum()), device=out.device)
         return retrieval_metrics(out[q], batch["group"][q], out[g], batch["group"][g], query_in_gallery=g_idx[q])
+
+
+def neighbourhood_loss(z: torch.Tensor, teacher: torch.Tensor, temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """KL from the teacher's neighbour distribution (softmax of its cosines, self excluded) to the
+    embedding's: keeps who is near whom in ΔW, not the cosines themselves, so it can sit beside a
+    contrastive loss that pulls groups together."""
+    t = F.normalize(teacher, dim=-1)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_p = F.log_softmax((t @ t.T / teacher_temperature).masked_fill(eye, float("-inf")), dim=1)
+    log_q = F.log_softmax((z @ z.T / temperature).masked_fill(eye, float("-inf")), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(eye, 0.0).sum(1)
+    return kl.mean()
 
 
 def supcon_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
