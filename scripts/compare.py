@@ -35,6 +35,7 @@ ABLATIONS = {
     "w2t-no-sigma": ["model=w2t", "model.encoder.sigma_features=false"],
     "w2t-k8": ["model=w2t", "model.encoder.sketch_dim=8"],
     "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
+    "w2t+geometry": ["model=w2t", "task.head.geometry=1"],  # retrieval only: keep ΔW's neighbourhoods
 }
 PRIMARY = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}
 LOWER_IS_BETTER = {"mae"}

@@ -1,9 +1,10 @@
 """The W2T encoder (DESIGN §3): canonical rank tokens → module tokens → one adapter embedding.
 
-Built to learn from a few hundred adapters, where a linear read-out of the normalized update
-ΔŴ = ΔW/‖ΔW‖ is what works (on digits, logistic regression on it beats every nonlinear per-rank
-encoder we tried, and its cosine alone retrieves better than any of them). So the path from the
-weights to the embedding is linear at initialisation, and everything else is residual:
+Built to learn from a few hundred adapters. There, a linear read-out of the normalized update
+ΔŴ = ΔW/‖ΔW‖ is what works: on digits, logistic regression on ΔŴ reaches 0.75 accuracy where an
+encoder with nonlinear per-rank features reached 0.57, and ΔŴ's cosine alone retrieves at MRR 0.74
+against its 0.39. So the path from the weights to the embedding is linear at initialisation, and
+the rest is residual:
 
 * rank level: each rank token (uᵢ, σᵢ, vᵢ) gives the outer product (Pᵤᵀuᵢ)(Pᵥᵀvᵢ)ᵀ; pooling
   with weights σᵢ/‖σ‖ gives Pᵤᵀ ΔŴ Pᵥ (k×k), a learned bilinear read-out of ΔŴ. It depends on ΔW
