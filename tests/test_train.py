@@ -59,6 +59,17 @@ def test_experiments_compose(experiment, tmp_path):
      "retrieval": lambda: cfg.data.group_column}[experiment]()
 
 
+def test_open_set_experiment_splits_by_group_and_keeps_delta_w_neighbourhoods(tiny_collection, tmp_path):
+    cfg = make_cfg(["experiment=retrieval_open"], tmp_path)
+    assert cfg.task.name == "retrieval" and cfg.data.split == "group" and cfg.task.head.geometry > 0
+    out = tmp_path / "run"
+    train(make_cfg(["experiment=retrieval_open", *fast(tiny_collection, tmp_path)], out))
+    splits = json.loads((out / "splits.json").read_text())
+    groups = dict(zip(*(pd.read_csv(tiny_collection / "metadata.csv")[c].astype(str) for c in ("adapter_id", "task"))))
+    assert not {groups[a] for a in splits["train"]} & {groups[a] for a in splits["test"]}, "a test task was trained on"
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["test/mrr"])
+
+
 @pytest.mark.parametrize("group,choice", [("logger", "csv"), ("logger", "wandb"), ("callbacks", "default"),
                                           ("trainer", "cpu"), ("trainer", "ddp"), ("data", "digits")])
 def test_config_groups_instantiate(group, choice, tmp_path, monkeypatch):
