@@ -150,3 +150,13 @@ def test_neighbourhood_loss_is_zero_on_the_teacher_geometry_and_grows_away_from_
     assert neighbourhood_loss(z, teacher * 3.0, 0.1, 0.1).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
     shuffled = z[torch.randperm(12, generator=gen)]
     assert neighbourhood_loss(shuffled, teacher, 0.1, 0.1) > 0.1
+
+
+def test_delta_w_baseline_is_the_same_for_raw_and_canonical_components(tiny_collection, tmp_path):
+    """The baseline reads ΔW, whatever factorization feeds it (models with `input: raw` score it too)."""
+    feats = {}
+    for rep in ("canonical", "raw"):
+        dm = AdapterDataModule(root=str(tiny_collection), representation=rep, cache_dir=str(tmp_path / rep))
+        dm.setup()
+        feats[rep] = delta_w_features(dm.whole_split("test")["tokens"], dm.schema, norms=True)
+    assert torch.allclose(feats["raw"], feats["canonical"], rtol=1e-4, atol=1e-5)

@@ -68,10 +68,11 @@ def delta_w_features(tokens: Tokens, schema: TokenSchema, k: int = 48, seed: int
     for g in schema.groups:
         t = tokens[g.name]
         Qu, Qv = (Q.to(t["u"].device) for Q in orthonormal_matrices(g, k, seed))
-        s = (t["s"] * t["mask"]).double()  # (B, L, R)
-        norm = s.square().sum(-1).sqrt()  # (B, L) ‖ΔW‖_F
+        s, u, v = (t["s"] * t["mask"]).double(), t["u"].double(), t["v"].double()  # (B, L, R), ...
+        gram = (u @ u.transpose(-1, -2)) * (v @ v.transpose(-1, -2))  # (B, L, R, R); the identity if canonical
+        norm = torch.einsum("blr,blrq,blq->bl", s, gram, s).clamp_min(0).sqrt()  # ‖ΔW‖_F of any factorization
         w = s / norm.clamp_min(1e-300).unsqueeze(-1)
-        sk = torch.einsum("blri,blr,blrj->blij", t["u"].double() @ Qu, w, t["v"].double() @ Qv)
+        sk = torch.einsum("blri,blr,blrj->blij", u @ Qu, w, v @ Qv)
         feats.append(sk.flatten(1))
         logs.append(torch.where(norm > 0, torch.log(norm.clamp_min(1e-300)), 0.0))
     return torch.cat(feats + (logs if norms else []), 1).float()
