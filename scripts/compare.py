@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +51,9 @@ def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[st
                f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
                *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir.exists():  # killed before its metrics.json: start again, not beside its stale checkpoints
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
         t = time.perf_counter()
         with open(run_dir / "compare.log", "w") as log:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -111,12 +114,14 @@ def _plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (experiment, by_model) in zip(axes[0], results.items()):
         k = PRIMARY[experiment]
-        names = list(by_model) + ["baseline: sketch"]
+        first = next(iter(by_model.values()))
+        found = [b for b in BASELINES if f"test/baseline_{b}/{k}" in first[0]]
+        names = list(by_model) + [f"baseline: {b}" for b in found]
         vals = [[m[f"test/{k}"] for m in ms] for ms in by_model.values()]
-        vals.append([m[f"test/baseline_sketch/{k}"] for m in next(iter(by_model.values()))])
+        vals += [[m[f"test/baseline_{b}/{k}"] for m in first] for b in found]
         ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
                capsize=3,
-               color=["C0"] * len(by_model) + ["0.6"])
+               color=["C0"] * len(by_model) + ["0.6"] * len(found))
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set(title=experiment, ylabel=f"test {k}")
     fig.tight_layout()

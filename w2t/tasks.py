@@ -123,6 +123,11 @@ class Retrieval(Task):
     the sketch keeps the direction of each update, which a few hundred training adapters cannot
     teach; the learned part adds what the sketch misses. "auto" picks λ on every validation pass
     (grid, the monitored metric); the chosen λ is a buffer, saved with the checkpoint. 0: off.
+
+    `geometry` weights a second term, `neighbourhood_loss`: the contrastive loss alone separates
+    the training groups and forgets how unseen ones lie; keeping each adapter's neighbourhood of
+    normalized-ΔW cosines (softmax at `geometry_temperature`) is what carries over to open-set
+    retrieval (`experiment=retrieval_open`). 0: off.
     """
 
     mode = "max"
