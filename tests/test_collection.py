@@ -226,3 +226,24 @@ def test_no_or_several_metadata_files_name_the_folder(user_table, tmp_path):
     write_metadata(tmp_path, user_table, "jsonl")
     with pytest.raises(CollectionError, match="several metadata files"):
         read_metadata(tmp_path)
+
+
+def test_building_for_a_run_leaves_the_global_rng_alone(tmp_path):
+    """A run that builds its collection (training adapters) then initializes and shuffles exactly like
+    one that found it built: the data module restores torch, numpy and Python RNG states."""
+    import random
+
+    import numpy as np
+
+    from w2t.datamodule import AdapterDataModule
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    expected = draws()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    dm = AdapterDataModule(collection="digits_tiny", data_dir=str(tmp_path), cache_workers=1)
+    dm.prepare_data()
+    assert (tmp_path / "digits_tiny" / "metadata.csv").exists() and dm._prepared[3].entries
+    assert draws() == expected

@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
 from w2t.cache import CacheOptions, TokenCache, load_entry
@@ -111,7 +112,14 @@ class AdapterDataModule(L.LightningDataModule):
         return ensure_collection(self.hp.collection, self.hp.data_dir)
 
     def _cached_table(self):
-        """(root, metadata, cache report): the collection read and every adapter in the token cache."""
+        """(root, metadata, cache report): the collection read and every adapter in the token cache.
+
+        Under `isolate_rng`: building the collection trains adapters, and a run that had to build it
+        must then initialize and shuffle exactly like one that found it built."""
+        with isolate_rng():
+            return self._build_cached_table()
+
+    def _build_cached_table(self):
         hp = self.hp
         root = self._root()
         table = read_metadata(root)
