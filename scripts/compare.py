@@ -36,10 +36,15 @@ ABLATIONS = {
     "w2t-no-sigma": ["model=w2t", "model.encoder.sigma_features=false"],
     "w2t-k8": ["model=w2t", "model.encoder.sketch_dim=8"],
     "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
-    "w2t+geometry": ["model=w2t", "task.head.geometry=1"],  # retrieval only: keep ΔW's neighbourhoods
+    "w2t+geometry": ["model=w2t", "task.head.geometry=1"],  # keep ΔW's neighbourhoods
 }
+ONLY_FOR = {"w2t+geometry": {"retrieval"}}  # ablations of one task's head: run for that experiment alone
 PRIMARY = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}
 LOWER_IS_BETTER = {"mae"}
+
+
+def models_per_experiment(experiments: list[str], models: list[str]) -> dict[str, list[str]]:
+    return {e: [m for m in models if e in ONLY_FOR.get(m, {e})] for e in experiments}
 
 
 def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[str], threads: int) -> dict:
@@ -154,14 +159,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # the cores this process may use
-    jobs = [(e, m, s) for e in args.experiments for m in models for s in args.seeds]
+    runs_for = models_per_experiment(args.experiments, models)
+    jobs = [(e, m, s) for e in args.experiments for m in runs_for[e] for s in args.seeds]
     pending = sum(not (out / e / m / f"seed_{s}" / "metrics.json").exists() for e, m, s in jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each -> {out}", flush=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {j: pool.submit(run_one, *j, out, args.overrides + extra.get(j[0], []), threads) for j in jobs}
         metrics = {j: f.result() for j, f in futures.items()}
-    results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in models} for e in args.experiments}
+    results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]} for e in args.experiments}
     (out / "compare.json").write_text(json.dumps(
         {"overrides": args.overrides, "extra": extra, "seeds": args.seeds,
          "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()}}, indent=1, sort_keys=True))

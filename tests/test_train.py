@@ -70,6 +70,25 @@ def test_open_set_experiment_splits_by_group_and_keeps_delta_w_neighbourhoods(ti
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["test/mrr"])
 
 
+def test_every_compare_model_and_ablation_composes_for_the_experiments_it_runs_in(tmp_path):
+    """`scripts/compare.py --ablations` passes each ablation's overrides to train.py: a head option
+    of one task (retrieval's `geometry`) must not be sent to the others, where Hydra rejects it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    names = compare.MODELS + list(compare.ABLATIONS)
+    runs = compare.models_per_experiment(list(EXPERIMENTS), names)
+    assert "w2t+geometry" in runs["retrieval"] and "w2t+geometry" not in runs["classification"]
+    for experiment, models in runs.items():
+        for name in models:
+            cfg = make_cfg([f"experiment={experiment}", *compare.ABLATIONS.get(name, [f"model={name}"])], tmp_path)
+            assert cfg.task.name == experiment
+    with pytest.raises(Exception, match="geometry"):
+        make_cfg(["experiment=classification", *compare.ABLATIONS["w2t+geometry"]], tmp_path)
+
+
 @pytest.mark.parametrize("group,choice", [("logger", "csv"), ("logger", "wandb"), ("callbacks", "default"),
                                           ("trainer", "cpu"), ("trainer", "ddp"), ("data", "digits")])
 def test_config_groups_instantiate(group, choice, tmp_path, monkeypatch):
