@@ -132,8 +132,9 @@ def fit_estimator(task_head, task: str, X: np.ndarray, split: dict, kind: str = 
     return make_estimator(task, kind, seed, multilabel).fit(X, split[key].numpy())
 
 
-def fit_outputs(task_head, task: str, X_train: np.ndarray, train: dict, X_test: np.ndarray, kind: str = "linear",
-                seed: int = 0) -> torch.Tensor:
-    """Fit on the training split, return the task's outputs on X_test (scored with `task_head.evaluate`)."""
+def fit_outputs(task_head, task: str, X_train: np.ndarray, train: dict, X_eval: list[np.ndarray], kind: str = "linear",
+                seed: int = 0) -> list[torch.Tensor]:
+    """Fit once on the training split, return the task's outputs on each of X_eval (for `task_head.evaluate`)."""
     est = fit_estimator(task_head, task, X_train, train, kind, seed)
-    return estimator_outputs(est, X_test, task, getattr(task_head, "n", 0), getattr(task_head, "multilabel", False))
+    n, multilabel = getattr(task_head, "n", 0), getattr(task_head, "multilabel", False)
+    return [estimator_outputs(est, X, task, n, multilabel) for X in X_eval]

@@ -48,23 +48,25 @@ def _loggers(cfg: DictConfig) -> list:
 
 
 def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed: int,
-                     stage: str = "test") -> dict[str, float]:
+                     stages: tuple[str, ...] = ("test",)) -> dict[str, float]:
     """The baselines of DESIGN §5 (and the normalized-ΔW one, w2t/baselines.py), scored with the
-    task's own `evaluate` on the `stage` split."""
-    split = dm.whole_split(stage)
+    task's own `evaluate` on each of `stages`; the fitted ones are fitted on the training split once."""
+    splits = {stage: dm.whole_split(stage) for stage in stages}
     out: dict[str, float] = {}
     if task == "retrieval":
-        raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in split["index"]])
-        feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed),
-                 "dw": delta_w_features(split["tokens"], dm.schema, seed=seed)}
-        for name, x in feats.items():
-            out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(x, split).items()}
+        for stage, split in splits.items():
+            raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in split["index"]])
+            feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed),
+                     "dw": delta_w_features(split["tokens"], dm.schema, seed=seed)}
+            for name, x in feats.items():
+                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(x, split).items()}
         return out
     train = dm.whole_split("train")
     for name, fn in (("sketch", sketch_features), ("dw", partial(delta_w_features, norms=True))):
-        X_train, X = (fn(s["tokens"], dm.schema, seed=seed).numpy() for s in (train, split))
-        scores = model.task.evaluate(fit_outputs(model.task, task, X_train, train, X, seed=seed), split)
-        out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in scores.items()}
+        X_train = fn(train["tokens"], dm.schema, seed=seed).numpy()
+        X_eval = [fn(split["tokens"], dm.schema, seed=seed).numpy() for split in splits.values()]
+        for (stage, split), y in zip(splits.items(), fit_outputs(model.task, task, X_train, train, X_eval, seed=seed)):
+            out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(y, split).items()}
     return out
 
 
@@ -113,8 +115,7 @@ def train(cfg: DictConfig) -> float | None:
         # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
         metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
-        for stage in ("val", "test"):
-            metrics |= baseline_metrics(dm, model, task, cfg.seed, stage)
+        metrics |= baseline_metrics(dm, model, task, cfg.seed, ("val", "test"))
         n_train = len(dm.split_rows["train"])
         metrics |= {"params": float(n_params), "train_adapters": float(n_train), "epochs": float(trainer.current_epoch),
                     "data_seconds": t_data, "fit_seconds": t_fit,
@@ -146,8 +147,7 @@ def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, 
         split = dm.whole_split(stage)
         scores |= {f"{stage}/{k}": float(v) for k, v in model.task.evaluate(model(split["tokens"]), split).items()}
     metrics = scores
-    for stage in ("val", "test"):
-        metrics |= baseline_metrics(dm, model, cfg.task.name, cfg.seed, stage)
+    metrics |= baseline_metrics(dm, model, cfg.task.name, cfg.seed, ("val", "test"))
     n_train = len(dm.split_rows["train"])
     metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
                 "data_seconds": t_data, "fit_seconds": t_fit, "train_adapters_per_s": n_train / max(t_fit, 1e-9)}
