@@ -2,7 +2,7 @@
 python embed.py --encoder <run dir>/encoder --collection ROOT --out emb.safetensors"""
 import sys
 
-from w2t.cli import embed_main
+from w2t.search.cli import embed_main
 
 if __name__ == "__main__":
     sys.exit(embed_main())

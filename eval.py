@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> dict:
-    from w2t.run import evaluate
+    from w2t.train.run import evaluate
 
     return evaluate(cfg)
 

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from w2t.run import train  # imported here so `--help` and `--cfg job` stay fast
+    from w2t.train.run import train  # imported here so `--help` and `--cfg job` stay fast
 
     return train(cfg)  # the monitored metric, for hyperparameter sweepers
 

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without `pip install -e .`
 
-from w2t.cache import CacheOptions, TokenCache, content_hash
-from w2t.collection import disk_usage, ensure_collection, read_metadata
+from w2t.data.cache import CacheOptions, TokenCache, content_hash
+from w2t.data.collection import read_metadata
+from w2t.zoo import disk_usage, ensure_collection
 
 
 def build_seconds(items: list, workers: int, threads: int, device: str | None) -> float:

@@ -9,8 +9,8 @@ Paths are timed interleaved (each repeat runs every path once, over all adapters
 repeat is reported, so a burst of load from other jobs hits every path alike; ratios are only
 meaningful within one run. Process CPU time is reported next to wall time. On a machine shared with
 other jobs use `--threads 1`: with several OpenMP threads every op waits for descheduled peers.
-"read + canonicalize, before" is the Householder implementation this module replaced, kept here so
-before/after come from the same run.
+"read + canonicalize (householder)" is the library's reference path (`method="householder"`: Householder
+QR, no Gram matrices), timed in the same run.
 
 The same run measures the machine (memory copy bandwidth, float64 GEMM GFLOP/s, and the GFLOP/s of
 the batched tall-skinny Gram products canonicalization is made of) and prints a roofline-style lower
@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from w2t import load_adapter
-from w2t.canonical import CanonicalModule, canonicalize_adapter
+from w2t import canonicalize_adapter, load_adapter
 
 SHAPES = {"q_proj": (3072, 3072), "k_proj": (1024, 3072), "v_proj": (1024, 3072), "o_proj": (3072, 3072)}
 LAYERS, RANK = 28, 16
@@ -53,45 +52,6 @@ def write_adapter(folder: Path, seed: int, layers: int = LAYERS, rank: int = RAN
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 32, "target_modules": list(SHAPES), "use_rslora": False}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return (folder / "adapter_model.safetensors").stat().st_size
-
-
-# --- the implementation before the Gram/Cholesky rewrite, kept here for a same-run comparison ---
-
-
-def _before_canonicalize(A, B, scale):
-    """Householder QR of B and Aᵀ, SVD of the core, U = Q_B U', V = Q_A V', mask, sign rule."""
-    A64, B64 = A.to(torch.float64), B.to(torch.float64)
-    s = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1, 1)
-    Q_B, R_B = torch.linalg.qr(B64)
-    Q_A, R_A = torch.linalg.qr(A64.transpose(-1, -2))
-    Uc, S, Vch = torch.linalg.svd(s * (R_B @ R_A.transpose(-1, -2)))
-    U, V = Q_B @ Uc, Q_A @ Vch.transpose(-1, -2)
-    top = S[..., :1]
-    mask = (S > 1e-6 * top) & (top > 0)
-    d = U.pow(3).sum(-2) + V.pow(3).sum(-2)
-    factor = mask.to(U.dtype) * torch.where(d < 0, -1.0, 1.0).to(U.dtype)
-    U.mul_(factor.unsqueeze(-2))
-    V.mul_(factor.unsqueeze(-2))
-    return U, S * mask.to(S.dtype), V, mask
-
-
-def _before_canonicalize_adapter(adapter) -> list[CanonicalModule]:
-    buckets: dict[tuple[int, int, int], list[int]] = {}
-    for i, mod in enumerate(adapter.modules):
-        buckets.setdefault((*mod.shape, mod.rank), []).append(i)
-    out = [None] * len(adapter.modules)
-    for idx in buckets.values():
-        mods = [adapter.modules[i] for i in idx]
-        stacked = []
-        for mats in ([m.A for m in mods], [m.B for m in mods]):
-            t = torch.empty((len(mats), *mats[0].shape), dtype=torch.float64)
-            for i, m in enumerate(mats):
-                t[i].copy_(m)
-            stacked.append(t)
-        U, S, V, mask = _before_canonicalize(*stacked, torch.tensor([m.scale for m in mods], dtype=torch.float64))
-        for j, (i, mod) in enumerate(zip(idx, mods)):
-            out[i] = CanonicalModule(mod.module_type, mod.layer, U[j], S[j], V[j], mask[j])
-    return out
 
 
 # --- machine and bound ----------------------------------------------------------------------------
@@ -181,7 +141,7 @@ def main() -> None:
         runs = {
             "read (safetensors.load_file)": lambda p: load_file(str(p / "adapter_model.safetensors")),
             "read (w2t.load_adapter)": lambda p: load_adapter(p),
-            "read + canonicalize, before": lambda p: _before_canonicalize_adapter(load_adapter(p)),
+            "read + canonicalize (householder)": lambda p: canonicalize_adapter(load_adapter(p), method="householder"),
             "read + canonicalize": lambda p: canonicalize_adapter(load_adapter(p)),
             "read bf16 + canonicalize": lambda p: canonicalize_adapter(load_adapter(p, dtype=torch.bfloat16)),
             "canonicalize only": lambda p: canonicalize_adapter(preloaded[0]),

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from w2t.canonical import canonicalize_adapter
-from w2t.collection import ensure_collection, read_metadata
-from w2t.encoder import W2TEncoder
-from w2t.formats import load_adapter
-from w2t.search import EmbeddingIndex
-from w2t.tokens import TokenSchema
+from w2t.canon.canonical import canonicalize_adapter
+from w2t.data.collection import read_metadata
+from w2t.zoo import ensure_collection
+from w2t.models.w2t import W2TEncoder
+from w2t.io.formats import load_adapter
+from w2t.search.index import EmbeddingIndex
+from w2t.data.tokens import TokenSchema
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
 
-from w2t.report import BASELINES, MAIN_KEYS  # noqa: E402
+from w2t.tasks import TASKS  # noqa: E402
 
 MODELS = ["w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
 # W2T options worth ablating: name -> overrides on top of model=w2t
@@ -36,10 +36,9 @@ ABLATIONS = {
     "w2t-no-sigma": ["model=w2t", "model.encoder.sigma_features=false"],
     "w2t-k8": ["model=w2t", "model.encoder.sketch_dim=8"],
     "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
-    "w2t+geometry": ["model=w2t", "task.head.geometry=1"],  # keep ΔW's neighbourhoods
+    "w2t+neighbourhood": ["model=w2t", "task.head.neighbourhood_weight=1"],  # keep ΔW's neighbourhoods
 }
-ONLY_FOR = {"w2t+geometry": {"retrieval"}}  # ablations of one task's head: run for that experiment alone
-PRIMARY = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}
+ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}}  # ablations of one task's head: run for that experiment alone
 LOWER_IS_BETTER = {"mae"}
 
 
@@ -77,20 +76,14 @@ def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
     """Markdown tables (one per experiment) and a bar chart of each experiment's main metric."""
     lines = [header, ""]
     for experiment, by_model in results.items():
-        keys = MAIN_KEYS[experiment]
+        task = TASKS[experiment]
+        keys = task.columns
         lines += [f"**{experiment}** (test split; mean ± std over seeds {', '.join(map(str, seeds))})", "",
                   "| model | " + " | ".join(keys) + " | params | train adapters/s |",
                   "|---" * (len(keys) + 3) + "|"]
-        rows = {}
-        for name, ms in by_model.items():
-            if f"test/learned/{keys[0]}" not in ms[0]:
-                rows[name] = ms
-                continue
-            # retrieval with sketch fusion: the fused embedding, then its learned part alone
-            rows[f"{name} (λ {np.mean([m['test/fusion'] for m in ms]):.2f})"] = ms
-            rows[f"{name}: learned part"] = [{f"test/{k}": m[f"test/learned/{k}"] for k in keys} for m in ms]
+        rows = dict(by_model)
         first = next(iter(by_model.values()))
-        for b in BASELINES:  # the non-learned baselines every run also scores (DESIGN §5, w2t/baselines.py)
+        for b in task.baselines:  # the simple reads every run also scores (docs/design.md §5)
             if f"test/baseline_{b}/{keys[0]}" in first[0]:
                 rows[f"baseline: {b}"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys} for m in first]
         best = {k: (min if k in LOWER_IS_BETTER else max)(np.mean([m[f"test/{k}"] for m in ms]) for ms in rows.values())
@@ -118,9 +111,10 @@ def _plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (experiment, by_model) in zip(axes[0], results.items()):
-        k = PRIMARY[experiment]
+        task = TASKS[experiment]
+        k = task.primary
         first = next(iter(by_model.values()))
-        found = [b for b in BASELINES if f"test/baseline_{b}/{k}" in first[0]]
+        found = [b for b in task.baselines if f"test/baseline_{b}/{k}" in first[0]]
         names = list(by_model) + [f"baseline: {b}" for b in found]
         vals = [[m[f"test/{k}"] for m in ms] for ms in by_model.values()]
         vals += [[m[f"test/baseline_{b}/{k}"] for m in first] for b in found]
@@ -138,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS, help=f"from {MODELS} and {list(ABLATIONS)}")
     ap.add_argument("--ablations", action="store_true", help="also run the W2T ablations")
-    ap.add_argument("--experiments", nargs="+", default=list(PRIMARY), choices=list(PRIMARY))
+    ap.add_argument("--experiments", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cores/jobs threads)")
     ap.add_argument("--out", default="results/compare/digits")
@@ -153,8 +147,8 @@ def main() -> None:
     extra: dict[str, list[str]] = {}
     for item in args.extra:
         experiment, _, override = item.partition("=")
-        if experiment not in PRIMARY or not override:
-            ap.error(f"--extra takes EXPERIMENT=OVERRIDE with EXPERIMENT in {list(PRIMARY)}, got {item!r}")
+        if experiment not in TASKS or not override:
+            ap.error(f"--extra takes EXPERIMENT=OVERRIDE with EXPERIMENT in {list(TASKS)}, got {item!r}")
         extra.setdefault(experiment, []).append(override)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from w2t.module import AdapterModel
+from w2t.train.lightning_module import AdapterModel
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,10 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt", required=True, help="Lightning checkpoint of an AdapterModel")
     ap.add_argument("--out", required=True, help="folder to write model.safetensors + config.json into")
     args = ap.parse_args(argv)
-    # pretrained=None: the checkpoint holds the weights, the folder a run started from is not needed
-    model = AdapterModel.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True, pretrained=None)
+    model = AdapterModel.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     data = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
-    out = model.encoder.save_pretrained(args.out, sign_rule=data.get("sign_rule", True))
+    out = model.encoder.save_pretrained(args.out, sign_rule=data.get("sign_rule", True),
+                                        representation=data.get("representation", "canonical"))
     print(f"encoder ({model.encoder.num_parameters():,} parameters) → {out}")
 
 

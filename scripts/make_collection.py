@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without `pip install -e .`
 
-from w2t.collection import BUILDERS, disk_usage, ensure_collection, read_metadata
+from w2t.data.collection import read_metadata
+from w2t.zoo import BUILDERS, disk_usage, ensure_collection
 from w2t.errors import W2TError
 
 

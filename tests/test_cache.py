@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import w2t.cache as cache_mod
-from w2t.cache import CacheOptions, TokenCache, load_entry
-import w2t.representation as representation
-from w2t.canonical import canonicalize_adapter
-from w2t.collection import read_metadata
+import w2t.data.cache as cache_mod
+from w2t.data.cache import CacheOptions, TokenCache, load_entry
+import w2t.canon.representation as representation
+from w2t.canon.canonical import canonicalize_adapter
+from w2t.data.collection import read_metadata
 from w2t.errors import W2TError
-from w2t.formats import load_adapter
+from w2t.io.formats import load_adapter
 
 
 @pytest.fixture

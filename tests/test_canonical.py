@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from w2t.canonical import canonicalize, sign_margin
+from w2t.canon.canonical import canonicalize, sign_margin
 
 F64 = torch.float64
 
@@ -224,7 +224,7 @@ def test_low_precision_input_equals_its_float64_copy():
 @pytest.mark.parametrize("chunk_modules", [1, 2, 5])
 def test_chunked_products_match_unchunked(monkeypatch, chunk_modules):
     """Any chunking of the Gram and product passes (including a partial last chunk) gives the same tokens."""
-    import w2t.canonical as canonical
+    import w2t.canon.canonical as canonical
 
     g = torch.Generator().manual_seed(13)
     A = torch.randn(7, 6, 50, generator=g).float()  # float32: the chunked float64 conversion path

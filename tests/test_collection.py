@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from w2t.collection import Collection, ensure_collection, make_recipe, read_metadata
-from w2t.collection import digits
-from w2t.collection.digits import SUBSETS, plan
-from w2t.collection.digits_model import heldout_accuracy, load_base
+from w2t.data.collection import Collection, read_metadata
+from w2t.zoo import ensure_collection, make_recipe
+from w2t.zoo import digits
+from w2t.zoo.digits import SUBSETS, plan
+from w2t.zoo.digits_model import heldout_accuracy, load_base
 from w2t.errors import CollectionError
 
 DIGITS = [f"digit_{d}" for d in range(10)]
@@ -151,6 +152,10 @@ def test_interrupted_build_leaves_the_old_collection_and_no_half_one(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         ensure_collection("digits_tiny", tmp_path, seed=1)
     assert (target / "recipe.json").read_text() == old
+    partial = f".digits_tiny.partial-{make_recipe('digits_tiny', seed=1).hash}"  # hidden, kept to resume into
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".digits_tiny.lock", partial, "digits_tiny"]
+    monkeypatch.setattr(digits, "build", fake_build([]))
+    assert json.loads((ensure_collection("digits_tiny", tmp_path, seed=1) / "recipe.json").read_text())["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".digits_tiny.lock", "digits_tiny"]
 
 
@@ -235,7 +240,7 @@ def test_building_for_a_run_leaves_the_global_rng_alone(tmp_path):
 
     import numpy as np
 
-    from w2t.datamodule import AdapterDataModule
+    from w2t.data.datamodule import AdapterDataModule
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()

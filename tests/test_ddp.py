@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from w2t.collection import read_metadata
+from w2t.data.collection import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,10 @@ from w2t import (
     ShapeMismatchError,
     load_adapter,
 )
-from w2t.canonical import canonicalize_adapter
+from w2t.canon.canonical import canonicalize_adapter
 from w2t.errors import SchemaError
-from w2t.keys import parse_module_name, split_key
-from w2t.tokens import TokenSchema, tokenize
+from w2t.io.keys import parse_module_name, split_key
+from w2t.data.tokens import TokenSchema, tokenize
 
 
 # --- key names -----------------------------------------------------------------------------------

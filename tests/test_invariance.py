@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from adapters_factory import bert_adapter, llama_adapter
 from w2t import load_adapter
-from w2t.canonical import canonicalize_adapter
-from w2t.encoder import EncoderConfig, W2TEncoder
-from w2t.tokens import TokenSchema, collate_tokens, tokenize
+from w2t.canon.canonical import canonicalize_adapter
+from w2t.models.w2t import EncoderConfig, W2TEncoder
+from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
 
 
 def reparametrized(adapter, cond: float, seed: int):

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from w2t import load_adapter
-from w2t.collection import ensure_collection, read_metadata
-from w2t.collection import minilm_text as mt
-from w2t.collection.building import single_thread
+from w2t.data.collection import read_metadata
+from w2t.zoo import ensure_collection
+from w2t.zoo import minilm_text as mt
+from w2t.zoo.builder import single_thread
 from w2t.errors import CollectionError
 
 TINY = mt.make_recipe("minilm_text_tiny")

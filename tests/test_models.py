@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from test_train import CONTRACT_KEYS, fast, make_cfg
-from w2t.adapter import Adapter, LoraModule
-from w2t.formats import load_adapter
+from w2t.io.adapter import Adapter, LoraModule
+from w2t.io.formats import load_adapter
 from w2t.models.spectral import SpectralModel
-from w2t.representation import adapter_components
-from w2t.run import setup_run, train
-from w2t.tokens import collate_tokens, tokenize
+from w2t.canon.representation import adapter_components
+from w2t.train.run import setup_run, train
+from w2t.data.tokens import collate_tokens, tokenize
 
 MODELS = ("w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral")
 INVARIANT = ("w2t", "glnet", "sketch", "spectral")

@@ -18,16 +18,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from safetensors.torch import load_file, save_file
 
-import w2t.run
+import w2t.train.run
 from adapters_factory import llama_adapter
-from w2t.cli import embed_main, search_main
-from w2t.collection import ensure_collection, read_metadata
-from w2t.datamodule import AdapterDataModule, DataInfo
-from w2t.encoder import W2TEncoder
+from w2t.search.cli import embed_main, search_main
+from w2t.data.collection import read_metadata
+from w2t.zoo import ensure_collection
+from w2t.data.datamodule import AdapterDataModule, DataInfo
+from w2t.models import load_pretrained
 from w2t.errors import SchemaError, W2TError
-from w2t.module import AdapterModel
-from w2t.search import EmbeddingIndex, load_embeddings, save_embeddings
-from w2t.tokens import TokenSchema
+from w2t.train.lightning_module import AdapterModel
+from w2t.search.index import EmbeddingIndex, load_embeddings, save_embeddings
+from w2t.data.tokens import TokenSchema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def run_overrides(tiny, data_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def run_dir(run_overrides, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    w2t.run.train(make_cfg(run_overrides, out))
+    w2t.train.run.train(make_cfg(run_overrides, out))
     return out
 
 
@@ -72,7 +73,7 @@ def paths(tiny) -> list[str]:
 
 
 def test_export_reloads_in_a_fresh_process_bitwise(run_dir, tiny, data_dir, paths, tmp_path, capsys):
-    encoder = W2TEncoder.from_pretrained(run_dir / "encoder")
+    encoder = load_pretrained(run_dir / "encoder")
     config = json.loads((run_dir / "encoder" / "config.json").read_text())
     assert config["canonicalization"] == {"version": 1, "sign_rule": True, "rtol": 1e-6,
                                            "representation": "canonical"} and config["w2t_version"]
@@ -121,10 +122,10 @@ class Snapshot(L.Callback):
 
 def test_frozen_encoder_probe_trains_only_the_head(run_dir, run_overrides, tmp_path, monkeypatch):
     snap = Snapshot()
-    callbacks = w2t.run._callbacks
-    monkeypatch.setattr(w2t.run, "_callbacks", lambda cfg, model: [*callbacks(cfg, model), snap])
+    callbacks = w2t.train.run._callbacks
+    monkeypatch.setattr(w2t.train.run, "_callbacks", lambda cfg, model: [*callbacks(cfg, model), snap])
     out = tmp_path / "probe"
-    w2t.run.train(make_cfg([*run_overrides, f"model.pretrained={run_dir / 'encoder'}", "model.freeze_encoder=true"], out))
+    w2t.train.run.train(make_cfg([*run_overrides, f"model.pretrained={run_dir / 'encoder'}", "model.freeze_encoder=true"], out))
 
     pretrained = load_file(run_dir / "encoder" / "model.safetensors")
     for name, value in pretrained.items():
@@ -153,11 +154,11 @@ def test_other_canonicalization_version_is_refused(run_dir, tmp_path):
     config["canonicalization"]["version"] += 1
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(W2TError, match="canonicalization version 2"):
-        W2TEncoder.from_pretrained(folder)
+        load_pretrained(folder)
 
 
 def test_unknown_modules_are_masked_and_reported(run_dir, paths, tmp_path):
-    encoder = W2TEncoder.from_pretrained(run_dir / "encoder")
+    encoder = load_pretrained(run_dir / "encoder")
     folder = shutil.copytree(paths[0], tmp_path / "extra")
     weights = folder / "adapter_model.safetensors"
     tensors = load_file(weights)
@@ -171,7 +172,7 @@ def test_unknown_modules_are_masked_and_reported(run_dir, paths, tmp_path):
 
 
 def test_incompatible_adapter_is_reported_and_the_rest_embed(run_dir, paths, tmp_path):
-    encoder = W2TEncoder.from_pretrained(run_dir / "encoder")
+    encoder = load_pretrained(run_dir / "encoder")
     library = tmp_path / "library"
     good = [shutil.copytree(p, library / Path(p).name) for p in paths[:3]]
     llama_adapter(library / "llama")  # a real PEFT adapter of another base model

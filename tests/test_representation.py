@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from w2t.adapter import Adapter, LoraModule
-from w2t.cache import CacheOptions
-from w2t.representation import adapter_components, raw_components
+from w2t.io.adapter import Adapter, LoraModule
+from w2t.data.cache import CacheOptions
+from w2t.canon.representation import adapter_components, raw_components
 
 
 def _adapter(scale: float = 0.5, zero_col: bool = False) -> Adapter:

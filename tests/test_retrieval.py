@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from w2t.baselines import delta_w_features, sketch_features
-from w2t.datamodule import AdapterDataModule
-from w2t.retrieval import retrieval_metrics
-from w2t.tasks import Retrieval, neighbourhood_loss, supcon_loss
+from w2t.models.features import delta_w_features
+from w2t.data.datamodule import AdapterDataModule
+from w2t.tasks.retrieval import Retrieval, neighbourhood_loss, retrieval_metrics, supcon_loss
 
 
 def brute_force(q, qg, g, gg, q_in_g, k=10):
@@ -91,37 +91,57 @@ def tiny_split(tiny_collection, tmp_path_factory):
     return dm, dm.whole_split("test")
 
 
-def test_sketch_fusion_ends_at_the_sketch_baseline(tiny_split):
-    dm, batch = tiny_split
-    emb = torch.randn(len(batch["index"]), 16, generator=torch.Generator().manual_seed(0))
-    head = Retrieval(16, dm.info, sketch_fusion=1.0).eval()
-    sketch = sketch_features(batch["tokens"], dm.schema, seed=Retrieval.SKETCH_SEED)
-    with torch.no_grad():
-        fused = head.score(head.eval_outputs(emb, batch["tokens"]), batch)
-        assert torch.allclose(head.outputs(emb, batch["tokens"])[:, 64:], F.normalize(sketch, dim=-1), atol=1e-6)
-    baseline = head.evaluate(sketch, batch)
-    assert fused["fusion"] == 1.0
-    assert {k: fused[k] for k in baseline} == pytest.approx(baseline)
-    with pytest.raises(ValueError, match="needs the tokens"):
-        head.outputs(emb)
+def _brute_force_protocol(emb, batch):
+    """DESIGN §5 from the flags alone, by brute force: queries rank the gallery, never themselves."""
+    idx = batch["index"].tolist()
+    q = (batch["in_split"] & batch["is_query"]).tolist()
+    g = batch["in_gallery"].tolist()
+    gallery = [i for i in range(len(idx)) if g[i]]
+    queries = [i for i in range(len(idx)) if q[i]]
+    q_in_g = [gallery.index(i) if i in gallery else -1 for i in queries]
+    return brute_force(emb[queries], batch["group"][queries], emb[gallery], batch["group"][gallery], q_in_g)
 
 
-def test_auto_fusion_picks_the_best_weight_on_validation_and_keeps_it(tiny_split):
+def test_queries_and_gallery_follow_the_protocol_with_roles(tiny_split):
+    """Queries: the test-split adapters whose role is `query`; gallery: every `gallery` adapter of every split."""
     dm, batch = tiny_split
-    emb = torch.randn(len(batch["index"]), 16, generator=torch.Generator().manual_seed(1))
-    head = Retrieval(16, dm.info, sketch_fusion="auto", monitor="val/mrr").eval()
-    with torch.no_grad():
-        kept = head.eval_outputs(emb, batch["tokens"])
-        grid = [head.evaluate(head._fuse(kept, lam), batch)["mrr"] for lam in Retrieval.FUSION_GRID]
-        chosen = head.score(kept, batch, calibrate=True)
-    assert chosen["mrr"] == pytest.approx(max(grid))
-    assert chosen["learned/mrr"] == pytest.approx(grid[0])
-    lam = chosen["fusion"]
-    assert head.state_dict()["fusion"].item() == lam  # saved with the checkpoint
-    again = head.score(kept, batch)  # test: no calibration, the chosen weight is used
-    assert again["fusion"] == lam and again["mrr"] == pytest.approx(chosen["mrr"])
-    with pytest.raises(ValueError, match="sketch_fusion"):
-        Retrieval(16, dm.info, sketch_fusion=1.5)
+    role = dm.table["role"].str.lower().to_numpy()
+    test_rows = set(dm.split_rows["test"].tolist())
+    gallery_rows = set(np.flatnonzero(role == "gallery").tolist())
+    idx = batch["index"].numpy()
+    assert sorted(idx.tolist()) == sorted(test_rows | gallery_rows)  # evaluated: the split and its gallery
+    queries = set(idx[(batch["in_split"] & batch["is_query"]).numpy()].tolist())
+    assert queries == {r for r in test_rows if role[r] == "query"} and queries
+    assert not queries & set(dm.split_rows["train"].tolist())  # a query is never trained on
+    assert set(idx[batch["in_gallery"].numpy()].tolist()) == gallery_rows
+    emb = torch.randn(len(idx), 8, generator=torch.Generator().manual_seed(0))
+    got = Retrieval(8, dm.info).evaluate(emb, batch)
+    ref = _brute_force_protocol(emb, batch)
+    assert got["num_queries"] == ref["num_queries"] == len(queries)
+    for key in ("mrr", "hit@1", "hit@10", "ndcg@10", "map"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+    val = dm.dataset("val")  # validation asks every adapter of its split, whatever its role
+    assert val.flags["is_query"][val.flags["in_split"]].all()
+
+
+def test_without_roles_every_adapter_is_in_the_gallery_and_no_query_finds_itself(tiny_collection, tmp_path):
+    dm = AdapterDataModule(root=str(tiny_collection), group_column="task", role_column=None, eval_gallery=True,
+                           cache_dir=str(tmp_path))
+    dm.setup()
+    batch = dm.whole_split("test")
+    assert sorted(batch["index"].tolist()) == list(range(len(dm.table)))  # the whole library
+    assert batch["in_gallery"].all()
+    queries = batch["index"][batch["in_split"] & batch["is_query"]]
+    assert sorted(queries.tolist()) == sorted(dm.split_rows["test"].tolist())
+    emb = torch.randn(len(batch["index"]), 8, generator=torch.Generator().manual_seed(1))
+    got = Retrieval(8, dm.info).evaluate(emb, batch)
+    ref = _brute_force_protocol(emb, batch)
+    for key in ("mrr", "hit@1", "hit@10", "ndcg@10", "map"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+    # an embedding equal for every adapter ranks by index: a query that could see itself would still
+    # rank it first; with the self-exclusion the first hit is another adapter
+    same = torch.ones(len(batch["index"]), 8)
+    assert Retrieval(8, dm.info).evaluate(same, batch)["num_queries"] == len(queries)
 
 
 def test_delta_w_baseline_is_the_cosine_of_normalized_updates(tiny_split):

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 from safetensors.torch import load_file
 
-from w2t.cache import CacheOptions, TokenCache
-from w2t.collection import read_metadata
+from w2t.data.cache import CacheOptions, TokenCache
+from w2t.data.collection import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from w2t.errors import CollectionError
-from w2t.splits import make_splits, write_manifest
+from w2t.data.splits import make_splits, write_manifest
 
 
 @pytest.fixture

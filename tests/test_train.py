@@ -17,10 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from w2t.datamodule import AdapterDataModule
+from w2t.data.datamodule import AdapterDataModule
 from w2t.errors import CollectionError
-from w2t.module import AdapterModel
-from w2t.run import evaluate, train
+from w2t.train.lightning_module import AdapterModel
+from w2t.train.run import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("classification", "performance", "retrieval")
@@ -54,14 +54,14 @@ def fast(tiny_collection, tmp_path, *extra):
 def test_experiments_compose(experiment, tmp_path):
     cfg = make_cfg([f"experiment={experiment}"], tmp_path)
     assert cfg.task.name == experiment
-    assert cfg.data._target_ == "w2t.datamodule.AdapterDataModule"
+    assert cfg.data._target_ == "w2t.data.datamodule.AdapterDataModule"
     {"classification": lambda: cfg.data.label_column, "performance": lambda: cfg.data.target_column,
      "retrieval": lambda: cfg.data.group_column}[experiment]()
 
 
 def test_open_set_experiment_splits_by_group_and_keeps_delta_w_neighbourhoods(tiny_collection, tmp_path):
     cfg = make_cfg(["experiment=retrieval_open"], tmp_path)
-    assert cfg.task.name == "retrieval" and cfg.data.split == "group" and cfg.task.head.geometry > 0
+    assert cfg.task.name == "retrieval" and cfg.data.split == "group" and cfg.task.head.neighbourhood_weight > 0
     out = tmp_path / "run"
     train(make_cfg(["experiment=retrieval_open", *fast(tiny_collection, tmp_path)], out))
     splits = json.loads((out / "splits.json").read_text())
@@ -72,7 +72,7 @@ def test_open_set_experiment_splits_by_group_and_keeps_delta_w_neighbourhoods(ti
 
 def test_every_compare_model_and_ablation_composes_for_the_experiments_it_runs_in(tmp_path):
     """`scripts/compare.py --ablations` passes each ablation's overrides to train.py: a head option
-    of one task (retrieval's `geometry`) must not be sent to the others, where Hydra rejects it."""
+    of one task (retrieval's `neighbourhood_weight`) must not be sent to the others, where Hydra rejects it."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
@@ -80,13 +80,13 @@ def test_every_compare_model_and_ablation_composes_for_the_experiments_it_runs_i
     spec.loader.exec_module(compare)
     names = compare.MODELS + list(compare.ABLATIONS)
     runs = compare.models_per_experiment(list(EXPERIMENTS), names)
-    assert "w2t+geometry" in runs["retrieval"] and "w2t+geometry" not in runs["classification"]
+    assert "w2t+neighbourhood" in runs["retrieval"] and "w2t+neighbourhood" not in runs["classification"]
     for experiment, models in runs.items():
         for name in models:
             cfg = make_cfg([f"experiment={experiment}", *compare.ABLATIONS.get(name, [f"model={name}"])], tmp_path)
             assert cfg.task.name == experiment
-    with pytest.raises(Exception, match="geometry"):
-        make_cfg(["experiment=classification", *compare.ABLATIONS["w2t+geometry"]], tmp_path)
+    with pytest.raises(Exception, match="neighbourhood_weight"):
+        make_cfg(["experiment=classification", *compare.ABLATIONS["w2t+neighbourhood"]], tmp_path)
 
 
 @pytest.mark.parametrize("group,choice", [("logger", "csv"), ("logger", "wandb"), ("callbacks", "default"),

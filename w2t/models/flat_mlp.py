@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from w2t.pretrained import PretrainedMixin
-from w2t.tokens import TokenSchema, Tokens
+from w2t.models.pretrained import PretrainedMixin
+from w2t.data.tokens import TokenSchema, Tokens
 
 
 @dataclass

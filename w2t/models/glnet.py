@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from w2t.layers import ModulePositions, pool_modules, signed_log
-from w2t.pretrained import PretrainedMixin
-from w2t.tokens import TokenSchema, Tokens
+from w2t.models.features import gram_norm, orthonormal
+from w2t.models.layers import ModulePositions, pool_modules, signed_log
+from w2t.models.pretrained import PretrainedMixin
+from w2t.data.tokens import TokenSchema, Tokens
 
 
 @dataclass
@@ -35,12 +36,6 @@ class GLNetConfig:
     sketch_dim: int = 8  # k of the invariant head
     row_dim: int | None = 128  # wider sides are mapped to this many rows first; None: never
     dropout: float = 0.1
-
-
-def _frob(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """‖U Vᵀ‖_F from the r×r Gram matrices (U, V: (..., r, m), (..., r, n)); invariant under GL(r)."""
-    gu, gv = U @ U.transpose(-1, -2), V @ V.transpose(-1, -2)
-    return (gu * gv).sum((-1, -2)).clamp_min(1e-24).sqrt()  # floor: finite gradient for absent modules
 
 
 class _RowMap(nn.Module):
@@ -109,13 +104,13 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
         """(size, width) orthonormal columns scaled to keep ‖U R‖ ≈ ‖U‖; empty when nothing is reduced."""
         if width == size:
             return nn.Parameter(torch.empty(0))
-        return nn.Parameter(torch.linalg.qr(torch.randn(size, width)).Q * (size / width) ** 0.5)
+        return nn.Parameter(orthonormal(size, width) * (size / width) ** 0.5)
 
     def _module_tokens(self, i: int, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.schema.groups[i]
         w = (t["s"] * t["mask"]).clamp_min(0).sqrt().unsqueeze(-1)  # (B, L, r, 1)
         U, V = t["u"] * w * g.m**0.5, t["v"] * w * g.n**0.5  # one factorization of ΔW: (B, L, r, m), (B, L, r, n)
-        norm = _frob(U, V)  # (B, L), invariant
+        norm = gram_norm(U, V, floor=1e-24)  # (B, L), invariant; floored: finite gradient for absent modules
         scale = norm.clamp_min(1e-12).sqrt()[..., None, None]
         U, V = U / scale, V / scale  # ‖U Vᵀ‖_F = 1: the layers see shape, the head also sees size
         if self.reduce_u[i].numel():
@@ -128,7 +123,7 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
             U, V = layer(U, V)
         pu, pv = U @ self.head_u[i], V @ self.head_v[i]  # (B, L, C, r, k)
         sk = torch.einsum("blcri,blcrj->blcij", pu, pv).flatten(2)  # Pᵤᵀ U Vᵀ Pᵥ per channel
-        feats = torch.cat([signed_log(sk), torch.log1p(_frob(U, V)), torch.log(norm.clamp_min(1e-12)).unsqueeze(-1) / 10], -1)
+        feats = torch.cat([signed_log(sk), torch.log1p(gram_norm(U, V, floor=1e-24)), torch.log(norm.clamp_min(1e-12)).unsqueeze(-1) / 10], -1)
         present = t["mask"].any(-1)  # (B, L)
         tok = self.positions(i, self.module_norm(self.head(feats)))
         return tok * present.unsqueeze(-1), present

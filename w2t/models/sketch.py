@@ -1,4 +1,4 @@
-"""A small MLP on a fixed random sketch Rᵤᵀ ΔW Rᵥ of every module (w2t/baselines.py).
+"""A small MLP on a fixed random sketch Rᵤᵀ ΔW Rᵥ of every module (w2t/models/features.py).
 
 The input is invariant to every factorization by construction and is not learned; only the MLP
 is. It isolates what a learned read-out of the weights adds over a fixed linear one.
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from w2t.baselines import sketch_matrices
-from w2t.layers import signed_log
-from w2t.pretrained import PretrainedMixin
-from w2t.tokens import TokenSchema, Tokens
+from w2t.models.features import bilinear_readout, fixed_projections
+from w2t.models.layers import signed_log
+from w2t.models.pretrained import PretrainedMixin
+from w2t.data.tokens import TokenSchema, Tokens
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SketchEncoder(nn.Module, PretrainedMixin):
         self.config = cfg = config or SketchConfig()
         self.names = [g.name for g in schema.groups]
         for i, g in enumerate(schema.groups):  # buffers: saved with the weights, never trained
-            Ru, Rv = sketch_matrices(g, cfg.k, cfg.seed)
+            Ru, Rv = fixed_projections(g, cfg.k, cfg.seed)
             self.register_buffer(f"Ru_{i}", Ru.float())
             self.register_buffer(f"Rv_{i}", Rv.float())
         n_in = cfg.k**2 * sum(g.num_layers for g in schema.groups)
@@ -52,5 +52,5 @@ class SketchEncoder(nn.Module, PretrainedMixin):
             g = self.schema.groups[i]
             pu = (t["u"] * g.m**0.5) @ getattr(self, f"Ru_{i}")  # (B, L, R, k)
             pv = (t["v"] * g.n**0.5) @ getattr(self, f"Rv_{i}")
-            feats.append(torch.einsum("blri,blr,blrj->blij", pu, t["s"] * t["mask"], pv).flatten(1))
+            feats.append(bilinear_readout(pu, t["s"] * t["mask"], pv).flatten(1))
         return self.mlp(signed_log(torch.cat(feats, 1)))

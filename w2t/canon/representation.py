@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from w2t.canonical import DEFAULT_RTOL, CanonicalModule, canonicalize_adapter
+from w2t.canon.canonical import DEFAULT_RTOL, CanonicalModule, canonicalize_adapter
 
 if TYPE_CHECKING:
-    from w2t.adapter import Adapter
+    from w2t.io.adapter import Adapter
 
 REPRESENTATIONS = ("canonical", "raw")
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from w2t.adapter import Adapter
+    from w2t.io.adapter import Adapter
 
 CANON_VERSION = 1  # bump when anything below changes the tokens; cache keys include it
 DEFAULT_RTOL = 1e-6

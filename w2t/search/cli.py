@@ -29,7 +29,7 @@ def list_adapters(spec: str) -> list[tuple[str, Path]]:
 
 
 def _load_table(root: str):
-    from w2t.collection import read_metadata
+    from w2t.data.collection import read_metadata
 
     return read_metadata(root)
 
@@ -47,12 +47,12 @@ def embed_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt files (weights_only)")
     args = ap.parse_args(argv)
 
-    from w2t.encoder import W2TEncoder
-    from w2t.pretrained import fingerprint
-    from w2t.search import save_embeddings
+    from w2t.models import load_pretrained
+    from w2t.models.pretrained import fingerprint
+    from w2t.search.index import save_embeddings
 
     try:
-        encoder = W2TEncoder.from_pretrained(args.encoder, device=args.device)
+        encoder = load_pretrained(args.encoder, device=args.device)
         if args.collection:
             table = _load_table(args.collection)
             items = list(zip(table["adapter_id"], table["abs_path"]))
@@ -87,13 +87,13 @@ def search_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-pickle", action="store_true")
     args = ap.parse_args(argv)
 
-    from w2t.encoder import W2TEncoder
-    from w2t.pretrained import fingerprint
-    from w2t.search import EmbeddingIndex, load_embeddings
+    from w2t.models import load_pretrained
+    from w2t.models.pretrained import fingerprint
+    from w2t.search.index import EmbeddingIndex, load_embeddings
 
     try:
         emb, ids, meta = load_embeddings(args.index)
-        encoder = W2TEncoder.from_pretrained(args.encoder)
+        encoder = load_pretrained(args.encoder)
         if meta.get("encoder_sha256") not in (None, fingerprint(args.encoder)):
             raise W2TError(f"the index was written by another encoder ({meta.get('encoder')}): "
                            "embeddings of different encoders are not comparable", args.index)

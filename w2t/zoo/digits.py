@@ -13,20 +13,16 @@ import json
 import logging
 import math
 import random
-import shutil
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
-from hashlib import sha256
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.collection.building import (available_cores, build_lock, built_hash, pooled_map,
-                                     single_thread)
-from w2t.collection.digits_model import (TRANSFORMS, DigitsData, DigitsViT, ViTConfig,
+from w2t.zoo.builder import RecipeBase, pooled_map, single_thread
+from w2t.zoo.digits_model import (TRANSFORMS, DigitsData, DigitsViT, ViTConfig,
                                          apply_transform, heldout_accuracy, save_base,
                                          train_base)
 from w2t.errors import CollectionError
@@ -48,9 +44,10 @@ MODULES = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(RecipeBase):
     """Everything that determines a collection's bytes; its hash decides when to rebuild."""
 
+    version: ClassVar[int] = RECIPE_VERSION
     name: str
     tasks: tuple[tuple[str, str], ...]  # (transform, subset)
     adapters_per_task: int
@@ -79,12 +76,6 @@ class Recipe:
         if not 0 < self.query_fraction < 1:
             raise ValueError(f"query_fraction must be in (0, 1), got {self.query_fraction}")
 
-    def to_dict(self) -> dict:
-        return {"recipe_version": RECIPE_VERSION, **asdict(self)}
-
-    @property
-    def hash(self) -> str:
-        return sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_recipe(name: str, seed: int = 0) -> Recipe:
@@ -208,43 +199,4 @@ def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
                                        len(jobs)))
     table = pd.DataFrame([job.row(acc) for job, acc in zip(jobs, accuracies)])
     table.to_csv(dest / "metadata.csv", index=False)
-    (dest / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash},
-                                                 indent=2))
     return table
-
-
-# ---- building once, atomically -----------------------------------------------------------------
-
-def ensure_collection(name: str = "digits", root: str | Path = "data", *,
-                      workers: int | None = None, seed: int = 0, force: bool = False) -> Path:
-    """Return `root/name`, building it first if absent or built from another recipe.
-
-    The build goes to a hidden sibling folder that is renamed into place at the end, so an
-    interrupted build never leaves a half collection where a reader would find it.
-    """
-    recipe = make_recipe(name, seed)
-    root = Path(root)
-    target = root / name
-    if not force and built_hash(target) == recipe.hash:
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, name):
-        if not force and built_hash(target) == recipe.hash:  # built while we waited
-            return target
-        workers = workers or min(available_cores(), 8)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=root))
-        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide the collection from other users
-        try:
-            start = time.perf_counter()
-            build(recipe, tmp, workers)
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-                target.rename(old / name)
-                tmp.rename(target)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(target)
-            log.info("built %s in %.1f s", target, time.perf_counter() - start)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from w2t.tokens import TokenSchema
+from w2t.data.tokens import TokenSchema
 
 
 def signed_log(x: torch.Tensor) -> torch.Tensor:

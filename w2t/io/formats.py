@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from w2t.adapter import Adapter, LoraModule
+from w2t.io.adapter import Adapter, LoraModule
 from w2t.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -36,8 +36,9 @@ from w2t.errors import (
     PickleRefusedError,
     ShapeMismatchError,
 )
-from w2t.keys import parse_module_name, split_key, strip_wrapper
+from w2t.io.keys import parse_module_name, split_key, strip_wrapper
 
+READER_VERSION = 1  # bump when a file reads to other factors or scales; token cache keys include it
 CONFIG_NAME = "adapter_config.json"
 # Looked for, in this order, inside a folder; `adapter_model.*` needs the PEFT config beside it.
 WEIGHT_FILES = (

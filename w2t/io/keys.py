@@ -32,6 +32,8 @@ from typing import Literal
 
 Role = Literal["A", "B", "alpha", "dora_magnitude", "other"]
 
+KEYS_VERSION = 1  # bump when a key parses to another (layer, module type); token cache keys include it
+
 WRAPPER_PREFIXES = ("base_model.model.",)
 DIFFUSERS_COMPONENTS = frozenset({"unet", "text_encoder", "text_encoder_2", "text_encoder_3"})
 

@@ -18,11 +18,12 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
-from w2t.cache import CacheOptions, TokenCache, load_entry
-from w2t.collection import ensure_collection, read_metadata
+from w2t.data.cache import CacheOptions, TokenCache, load_entry
+from w2t.data.collection import read_metadata
+from w2t.zoo import ensure_collection
 from w2t.errors import CollectionError
-from w2t.splits import make_splits, write_manifest
-from w2t.tokens import TokenSchema, Tokens, collate_tokens, tokenize
+from w2t.data.splits import make_splits, write_manifest
+from w2t.data.tokens import TokenSchema, Tokens, collate_tokens, tokenize
 
 log = logging.getLogger(__name__)
 

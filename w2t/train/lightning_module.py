@@ -1,7 +1,8 @@
 """The LightningModule: one encoder, one task head, whole-split evaluation.
 
 Hyperparameters are plain dicts and numbers (`save_hyperparameters`), so checkpoints rebuild the
-model anywhere and load with `torch.load(weights_only=True)`.
+model anywhere and load with `torch.load(weights_only=True)`. A checkpoint is self-contained: one
+fine-tuned from an exported encoder records that encoder's architecture, not the folder it came from.
 """
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import torch
 import torch.nn as nn
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from w2t.datamodule import DataInfo
-from w2t.encoder import W2TEncoder
-from w2t.models import build_encoder
+from w2t.data.datamodule import DataInfo
+from w2t.models import build_encoder, load_pretrained
 from w2t.errors import W2TError
 from w2t.tasks import TASKS
-from w2t.tokens import TokenSchema
+from w2t.data.tokens import TokenSchema
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class AdapterModel(L.LightningModule):
         architecture and input representation win over `arch`, `input` and `encoder`)."""
         if not pretrained:
             return build_encoder(arch, schema, encoder)
-        enc = W2TEncoder.from_pretrained(pretrained)
+        enc = load_pretrained(pretrained)
         if enc.schema != schema:
             raise W2TError("the data's token schema differs from the pretrained encoder's: tokenize the data with "
                            "the encoder's schema (AdapterDataModule(schema=...); train.py does it for model.pretrained)",
@@ -63,8 +63,9 @@ class AdapterModel(L.LightningModule):
         ignored = {k: v for k, v in encoder.items() if asdict(enc.config).get(k) != v}
         if ignored:
             log.warning("model.encoder options %s ignored: the pretrained encoder's architecture is used", ignored)
-        # so its checkpoints rebuild this architecture and eval.py reads adapters as it was trained on them
-        self.hparams.update(encoder=asdict(enc.config), arch=enc.arch, input=enc.canon.representation)
+        # checkpoints rebuild this architecture from their own hyperparameters (the weights are in them:
+        # `pretrained` is not needed again), and eval.py reads adapters as the encoder was trained on them
+        self.hparams.update(encoder=asdict(enc.config), arch=enc.arch, input=enc.canon.representation, pretrained=None)
         return enc
 
     def train(self, mode: bool = True) -> AdapterModel:
@@ -78,7 +79,7 @@ class AdapterModel(L.LightningModule):
         return self.task.monitor, self.task.mode
 
     def forward(self, tokens) -> torch.Tensor:
-        return self.task.outputs(self.encoder(tokens), tokens)
+        return self.task.outputs(self.encoder(tokens))
 
     def training_step(self, batch, batch_idx):
         loss = self.task.loss(self.encoder(batch["tokens"]), batch)
@@ -87,7 +88,7 @@ class AdapterModel(L.LightningModule):
 
     # whole-split evaluation: keep every output, score once at epoch end ------------------------
     def _record(self, batch) -> dict:
-        out = self.task.eval_outputs(self.encoder(batch["tokens"]), batch["tokens"])
+        out = self.task.outputs(self.encoder(batch["tokens"]))
         return {"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}}
 
     def _eval_step(self, batch):
@@ -95,13 +96,13 @@ class AdapterModel(L.LightningModule):
 
     @torch.no_grad()
     def score(self, loader) -> dict[str, float]:
-        """Whole-split metrics of the current weights outside a Trainer (nothing is logged or calibrated)."""
+        """Whole-split metrics of the current weights outside a Trainer (nothing is logged)."""
         was_training = self.training
         self.eval()
         records = [self._record(move_data_to_device(batch, self.device)) for batch in loader]
         self.train(was_training)
         cat = {k: torch.cat([r[k] for r in records]) for k in records[0]}
-        return {k: float(v) for k, v in self.task.score(cat["out"], cat).items()}
+        return {k: float(v) for k, v in self.task.evaluate(cat["out"], cat).items()}
 
     def _eval_end(self, stage: str):
         if not self._eval:
@@ -113,7 +114,7 @@ class AdapterModel(L.LightningModule):
             first = np.unique(cat["index"].cpu().numpy(), return_index=True)[1]
             keep = torch.as_tensor(first, device=cat["index"].device)
             cat = {k: v[keep] for k, v in cat.items()}
-        metrics = self.task.score(cat["out"], cat, calibrate=stage == "val")
+        metrics = self.task.evaluate(cat["out"], cat)
         self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, prog_bar=stage == "val", sync_dist=False)
 
     def validation_step(self, batch, batch_idx):

@@ -24,19 +24,19 @@ import re
 import shutil
 import sysconfig
 import tempfile
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.collection.building import (available_cores, build_lock, built_hash, pooled_map,
-                                     single_thread)
+from w2t.zoo.builder import RecipeBase, pooled_map, single_thread
 from w2t.errors import CollectionError
+from w2t.io.files import atomic_write_text
 from w2t.progress import progress
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,10 @@ def target_modules(targets: str, layers: range) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(RecipeBase):
     """Everything that determines a collection's bytes; its hash decides when to rebuild."""
 
+    version: ClassVar[int] = RECIPE_VERSION
     name: str
     categories: tuple[str, ...]
     adapters_per_category: int
@@ -105,12 +106,6 @@ class Recipe:
         if not 0 <= self.first_layer < N_LAYERS:
             raise ValueError(f"first_layer must be in [0, {N_LAYERS}), got {self.first_layer}")
 
-    def to_dict(self) -> dict:
-        return {"recipe_version": RECIPE_VERSION, **asdict(self)}
-
-    @property
-    def hash(self) -> str:
-        return sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 RECIPES = ("minilm_text", "minilm_text_tiny")
@@ -378,23 +373,18 @@ def _train_adapter(job: AdapterJob, root: Path) -> dict:
     model.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)  # a folder without a result: killed mid-rename
     tmp.rename(final)
-    _write_atomic(done, json.dumps(result))
+    atomic_write_text(done, json.dumps(result))
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def build(recipe: Recipe, dest: Path, workers: int,
           fortunes: Path = FORTUNES_DIR) -> pd.DataFrame:
     """Train every adapter into `dest`, skipping those already finished; metadata.csv comes last."""
-    for name in recipe.categories:  # fail before loading anything
+    for name in recipe.categories:  # fail before loading anything when an input is missing
         if not (fortunes / name).is_file():
             raise CollectionError(f"fortune category file missing; {FORTUNES_HINT}",
                                   fortunes / name)
+    model_dir()
     (dest / "adapters").mkdir(parents=True, exist_ok=True)
     (dest / "results").mkdir(exist_ok=True)
     for stale in (dest / "adapters").glob(".*"):  # half-saved by a killed build
@@ -411,41 +401,4 @@ def build(recipe: Recipe, dest: Path, workers: int,
     table = pd.DataFrame([job.row(result) for job, result in zip(jobs, results)])
     table.to_csv(dest / "metadata.csv", index=False)
     shutil.rmtree(dest / "results")
-    (dest / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash},
-                                                 indent=2))
     return table
-
-
-def ensure_collection(name: str = "minilm_text", root: str | Path = "data", *,
-                      workers: int | None = None, seed: int = 0, force: bool = False) -> Path:
-    """Return `root/name`, building it first if absent or built from another recipe.
-
-    Adapters are trained into `.{name}.partial-{hash}`, kept across interruptions: a rerun trains
-    only the missing ones. The finished folder is renamed into place at once.
-    """
-    recipe = make_recipe(name, seed)
-    root = Path(root)
-    target = root / name
-    if not force and built_hash(target) == recipe.hash:
-        return target
-    model_dir()  # fail early and clearly when the model package is missing
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, name):
-        if not force and built_hash(target) == recipe.hash:  # built while we waited
-            return target
-        partial = root / f".{name}.partial-{recipe.hash}"
-        for stale in root.glob(f".{name}.partial-*"):  # from another recipe: never resumable
-            if stale != partial:
-                shutil.rmtree(stale)
-        partial.mkdir(mode=0o755, exist_ok=True)
-        start = time.perf_counter()
-        build(recipe, partial, workers or min(available_cores(), 8))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-            target.rename(old / name)
-            partial.rename(target)
-            shutil.rmtree(old)
-        else:
-            partial.rename(target)
-        log.info("built %s in %.1f s", target, time.perf_counter() - start)
-    return target

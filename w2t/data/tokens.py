@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from w2t.canonical import CanonicalModule
+from w2t.canon.canonical import CanonicalModule
 from w2t.errors import SchemaError
 
 Tokens = dict[str, dict[str, torch.Tensor]]  # group name -> {"u", "v", "s", "mask"}

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from w2t.layers import SigmaFeatures, pool_modules
-from w2t.pretrained import PretrainedMixin
-from w2t.tokens import TokenSchema, Tokens
+from w2t.models.features import bilinear_readout, orthonormal
+from w2t.models.layers import SigmaFeatures, pool_modules
+from w2t.models.pretrained import PretrainedMixin
+from w2t.data.tokens import TokenSchema, Tokens
 
 
 @dataclass
@@ -49,11 +50,6 @@ class EncoderConfig:
             raise ValueError(f"module_dropout must be in [0, 1), got {self.module_dropout}")
 
 
-def _orthonormal(m: int, k: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(m, k))
-    return q  # (m, k), k ≤ m
-
-
 class W2TEncoder(nn.Module, PretrainedMixin):
     arch = "w2t"
 
@@ -64,8 +60,8 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         d, dm = cfg.d_model, cfg.d_module
         self.names = [g.name for g in schema.groups]
         k = cfg.sketch_dim
-        self.P_u = nn.ParameterList(nn.Parameter(_orthonormal(g.m, min(k, g.m))) for g in schema.groups)
-        self.P_v = nn.ParameterList(nn.Parameter(_orthonormal(g.n, min(k, g.n))) for g in schema.groups)
+        self.P_u = nn.ParameterList(nn.Parameter(orthonormal(g.m, min(k, g.m))) for g in schema.groups)
+        self.P_v = nn.ParameterList(nn.Parameter(orthonormal(g.n, min(k, g.n))) for g in schema.groups)
         # the read-out starts at zero: its gradients lie in the span of the training sketches, so it only
         # ever holds directions that training updates have (a random start adds noise from all others)
         self.read = nn.ParameterList(nn.Parameter(torch.zeros(min(k, g.m) * min(k, g.n), dm)) for g in schema.groups)
@@ -94,7 +90,7 @@ class W2TEncoder(nn.Module, PretrainedMixin):
         w = s / norm.clamp_min(1e-30).unsqueeze(-1)  # σᵢ/‖σ‖: the read-out sees ΔŴ
         pu = t["u"] @ self.P_u[i]  # (B, L, R, k)
         pv = t["v"] @ self.P_v[i]  # (B, L, R, k)
-        sketch = torch.einsum("blri,blr,blrj->blij", pu, w, pv).flatten(2)  # (B, L, kᵤkᵥ), ‖·‖ ≤ 1
+        sketch = bilinear_readout(pu, w, pv).flatten(2)  # (B, L, kᵤkᵥ), ‖·‖ ≤ 1
         sketch = sketch * sketch.shape[-1] ** 0.5  # O(1) entries
         x = sketch @ self.read[i]  # (B, L, d_module)
         if self.config.sigma_features:

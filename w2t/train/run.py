@@ -5,22 +5,18 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from w2t.baselines import delta_w_features, fit_outputs, raw_features, sketch_features
-from w2t.datamodule import AdapterDataModule
-from w2t.formats import load_adapter
+from w2t.data.datamodule import AdapterDataModule
+from w2t.models.pretrained import data_options
 from w2t.models.spectral import SpectralModel
-from w2t.module import AdapterModel
-from w2t.pretrained import data_options
-from w2t.report import print_results, save_plots
+from w2t.tasks import TASKS
+from w2t.train.lightning_module import AdapterModel
+from w2t.train.report import print_results, save_plots
 
 log = logging.getLogger(__name__)
 
@@ -47,36 +43,13 @@ def _loggers(cfg: DictConfig) -> list:
     return [instantiate(lg, _convert_="all") for lg in (cfg.get("logger") or {}).values() if lg is not None]
 
 
-def baseline_metrics(dm: AdapterDataModule, model: AdapterModel, task: str, seed: int,
-                     stages: tuple[str, ...] = ("test",)) -> dict[str, float]:
-    """The baselines of DESIGN §5 (and the normalized-ΔW one, w2t/baselines.py), scored with the
-    task's own `evaluate` on each of `stages`; the fitted ones are fitted on the training split once."""
-    splits = {stage: dm.whole_split(stage) for stage in stages}
-    out: dict[str, float] = {}
-    if task == "retrieval":
-        for stage, split in splits.items():
-            raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)]), dm.schema) for i in split["index"]])
-            feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed),
-                     "dw": delta_w_features(split["tokens"], dm.schema, seed=seed)}
-            for name, x in feats.items():
-                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(x, split).items()}
-        return out
-    train = dm.whole_split("train")
-    for name, fn in (("sketch", sketch_features), ("dw", partial(delta_w_features, norms=True))):
-        X_train = fn(train["tokens"], dm.schema, seed=seed).numpy()
-        X_eval = [fn(split["tokens"], dm.schema, seed=seed).numpy() for split in splits.values()]
-        for (stage, split), y in zip(splits.items(), fit_outputs(model.task, task, X_train, train, X_eval, seed=seed)):
-            out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in model.task.evaluate(y, split).items()}
-    return out
-
-
 def setup_run(cfg: DictConfig) -> tuple[AdapterDataModule, AdapterModel | SpectralModel]:
     """The data, read as the model reads it (canonical or raw; a pretrained encoder's schema), and the model."""
     with open_dict(cfg):
         cfg.data.representation = cfg.model.get("input", "canonical")
         if cfg.model.get("pretrained"):
             cfg.data.update(data_options(cfg.model.pretrained))
-    dm = build_datamodule(cfg, eval_gallery=cfg.task.name == "retrieval")
+    dm = build_datamodule(cfg, eval_gallery=TASKS[cfg.task.name].uses_gallery)
     model = instantiate(cfg.model, task=cfg.task.name, info=asdict(dm.info), head=cfg.task.get("head"), _convert_="all")
     return dm, model
 
@@ -115,14 +88,14 @@ def train(cfg: DictConfig) -> float | None:
         # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
         metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
-        metrics |= baseline_metrics(dm, model, task, cfg.seed, ("val", "test"))
+        metrics |= model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
         n_train = len(dm.split_rows["train"])
         metrics |= {"params": float(n_params), "train_adapters": float(n_train), "epochs": float(trainer.current_epoch),
                     "data_seconds": t_data, "fit_seconds": t_fit,
                     "train_adapters_per_s": n_train * trainer.current_epoch / max(t_fit, 1e-9)}
         _write_metrics(out_dir, metrics)
         model.eval()
-        save_plots(model, dm, task, out_dir, trainer.loggers)
+        save_plots(model, dm, out_dir, trainer.loggers)
         print_results(task, metrics, out_dir, model_name(cfg.model))
     return None if value is None else float(value)
 
@@ -147,12 +120,12 @@ def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, 
         split = dm.whole_split(stage)
         scores |= {f"{stage}/{k}": float(v) for k, v in model.task.evaluate(model(split["tokens"]), split).items()}
     metrics = scores
-    metrics |= baseline_metrics(dm, model, cfg.task.name, cfg.seed, ("val", "test"))
+    metrics |= model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
     n_train = len(dm.split_rows["train"])
     metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
                 "data_seconds": t_data, "fit_seconds": t_fit, "train_adapters_per_s": n_train / max(t_fit, 1e-9)}
     _write_metrics(out_dir, metrics)
-    save_plots(model, dm, cfg.task.name, out_dir)
+    save_plots(model, dm, out_dir)
     print_results(cfg.task.name, metrics, out_dir, model_name(cfg.model))
     return scores[model.monitor[0]]
 
@@ -167,10 +140,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         cfg.data.schema = model.hparams.info["schema"]
         cfg.data.representation = model.hparams.get("input", "canonical")
         cfg.data.classes = model.hparams.info.get("classes") or None
-    dm = build_datamodule(cfg, eval_gallery=task == "retrieval")
+    dm = build_datamodule(cfg, eval_gallery=TASKS[task].uses_gallery)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False)
     metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm)[0].items()}
-    metrics |= baseline_metrics(dm, model, task, cfg.seed)
+    metrics |= model.task.baseline_metrics(dm, cfg.seed, ("test",))
     _write_metrics(out_dir, metrics)
     print_results(task, metrics, out_dir, model_name(model.hparams))
     return metrics

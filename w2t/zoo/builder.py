@@ -1,22 +1,45 @@
-"""What every collection builder shares: deterministic training, worker pools, one build at a time.
+"""What every collection builder shares: recipes, deterministic training, worker pools, one build at a time.
 
-Each builder (digits, minilm_text) trains its adapters through `pooled_map` under `single_thread`,
-and publishes its folder under `build_lock` once `built_hash` says the recipe changed.
+A builder (digits, minilm_text) is a `Recipe` dataclass and a `build(recipe, dest, workers)` that
+trains its adapters through `pooled_map` under `single_thread`; `ensure_built` runs it under
+`build_lock` into a hidden partial folder and renames that into place once `built_hash` says the
+recipe changed.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict
+from hashlib import sha256
 from itertools import repeat
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+log = logging.getLogger(__name__)
+
+
+class RecipeBase:
+    """A frozen dataclass of everything that determines a collection's bytes; its hash decides when to rebuild."""
+
+    name: str
+    version: ClassVar[int]  # bump whenever the build code changes what a recipe produces
+
+    def to_dict(self) -> dict:
+        return {"recipe_version": self.version, **asdict(self)}
+
+    @property
+    def hash(self) -> str:
+        return sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextmanager
@@ -73,7 +96,7 @@ def built_hash(folder: Path) -> str | None:
 def build_lock(root: Path, name: str) -> Iterator[None]:
     """Serialize builds of one collection across processes (parallel sweep jobs, test workers).
 
-    Holding the lock, any leftover hidden build folder belongs to a killed build: remove it.
+    Holding the lock, a leftover folder of a replaced collection belongs to a killed build: remove it.
     """
     try:
         import fcntl
@@ -83,7 +106,7 @@ def build_lock(root: Path, name: str) -> Iterator[None]:
     with open(root / f".{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            for stale in [*root.glob(f".{name}.building-*"), *root.glob(f".{name}.old-*")]:
+            for stale in root.glob(f".{name}.old-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
@@ -100,3 +123,39 @@ def available_cores() -> int:
 def disk_usage(folder: str | Path) -> int:
     """Bytes the folder occupies on disk (allocated blocks, like `du`)."""
     return sum(p.stat().st_blocks * 512 for p in Path(folder).rglob("*"))
+
+
+def ensure_built(recipe: RecipeBase, root: str | Path, build: Callable[[Any, Path, int], Any], *,
+                 workers: int | None = None, force: bool = False) -> Path:
+    """Return `root/recipe.name`, building it first if absent or built from another recipe.
+
+    Adapters are trained into `.{name}.partial-{hash}`, kept across interruptions (a builder may skip
+    what is already there); the finished folder is renamed into place at once, so a reader never
+    finds half a collection.
+    """
+    root = Path(root)
+    name = recipe.name
+    target = root / name
+    if not force and built_hash(target) == recipe.hash:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with build_lock(root, name):
+        if not force and built_hash(target) == recipe.hash:  # built while we waited
+            return target
+        partial = root / f".{name}.partial-{recipe.hash}"
+        for stale in root.glob(f".{name}.partial-*"):  # from another recipe: never resumable
+            if stale != partial:
+                shutil.rmtree(stale)
+        partial.mkdir(mode=0o755, exist_ok=True)
+        start = time.perf_counter()
+        build(recipe, partial, workers or min(available_cores(), 8))
+        (partial / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash}, indent=2))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+            target.rename(old / name)
+            partial.rename(target)
+            shutil.rmtree(old)
+        else:
+            partial.rename(target)
+        log.info("built %s in %.1f s", target, time.perf_counter() - start)
+    return target

@@ -1,12 +1,15 @@
 """On-disk token cache: every adapter is read and canonicalized once (DESIGN §6).
 
-One safetensors file per adapter, named by a hash of the adapter's files, the canonicalization
-version and its options, so a changed file or a new canonicalization is rebuilt and nothing else is.
-Entries are written to a temporary file and renamed into place: an interrupted build leaves no
+One safetensors file per adapter under `root/<tag>/`: the entry is named by a hash of the adapter's
+files, and the tag by the version stamps of everything that shapes a token (the reader, the key-naming
+rules, canonicalization) and the options. A changed file, reader, naming rule or canonicalization is
+rebuilt, and nothing else is. Entries are written to a temporary file and renamed into place, by one
+build at a time (a lock), which first removes what a killed build left: an interrupted build leaves no
 corrupt entry and a rerun resumes where it stopped. Adapters that fail to read are cached as an
-`.error.json` entry (and listed in a report file), so a rerun canonicalizes nothing at all.
-safetensors shards were chosen over a `datasets` Arrow table because an entry is written by the
-worker that made it (no single writer) and reads back memory-mapped without conversion.
+`.error.json` entry (and listed in a report file) stamped with the reading code's fingerprint, so a
+rerun reads nothing again until that code changes. safetensors shards were chosen over a `datasets`
+Arrow table because an entry is written by the worker that made it (no single writer) and reads back
+memory-mapped without conversion.
 """
 from __future__ import annotations
 
@@ -14,20 +17,26 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from w2t.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule
+import w2t.canon
+import w2t.io
+from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule
+from w2t.canon.representation import REPRESENTATIONS, adapter_components
 from w2t.errors import W2TError
-from w2t.formats import load_adapter
+from w2t.io.files import TMP_SUFFIX, atomic_write, atomic_write_text
+from w2t.io.formats import READER_VERSION, load_adapter
+from w2t.io.keys import KEYS_VERSION
 from w2t.progress import progress
-from w2t.representation import REPRESENTATIONS, adapter_components
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,21 @@ class CacheOptions:
 
     @property
     def tag(self) -> str:
-        opts = json.dumps({k: v for k, v in asdict(self).items() if k != "device"}, sort_keys=True)
-        return f"v{CANON_VERSION}-{hashlib.sha256(opts.encode()).hexdigest()[:10]}"
+        """The cache folder's name: every version stamp and option that shapes a token (not `device`)."""
+        key = {"reader": READER_VERSION, "keys": KEYS_VERSION, "canon": CANON_VERSION,
+               **{k: v for k, v in asdict(self).items() if k != "device"}}
+        return f"v{CANON_VERSION}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+@cache
+def reading_code_version() -> str:
+    """Fingerprint of the code that reads and canonicalizes (w2t/io, w2t/canon): a cached failure is
+    retried once it changes, so a fixed reader reads what it once refused."""
+    h = hashlib.sha256()
+    for package in (w2t.io, w2t.canon):
+        for f in sorted(Path(package.__file__).parent.glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -78,18 +100,6 @@ def content_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_entry(target: Path, modules: list[CanonicalModule], dtype: torch.dtype) -> None:
     tensors, meta = {}, []
     for i, m in enumerate(modules):
@@ -98,7 +108,7 @@ def save_entry(target: Path, modules: list[CanonicalModule], dtype: torch.dtype)
         tensors[f"{i}.V"] = m.V.to(dtype).contiguous()
         tensors[f"{i}.mask"] = m.mask.contiguous()
         meta.append([m.module_type, m.layer])
-    _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={"modules": json.dumps(meta)}))
+    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={"modules": json.dumps(meta)}))
 
 
 def load_entry(path: str | Path) -> list[CanonicalModule]:
@@ -133,6 +143,34 @@ class TokenCache:
     def entry_path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
 
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One build at a time; holding the lock, every temporary file is a killed build's: remove it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # no flock on Windows: concurrent builds still write whole entries
+            fcntl = None
+        with open(self.dir.parent / f".{self.dir.name}.lock", "w") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                if fcntl is not None:
+                    for stale in self.dir.rglob(f".*{TMP_SUFFIX}"):
+                        stale.unlink(missing_ok=True)
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _cached_error(self, error_file: Path) -> dict | None:
+        """A failure recorded by this reading code, or None (none, unreadable, or from other code: retry)."""
+        try:
+            entry = json.loads(error_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return {"error": entry["error"]} if entry.get("code") == reading_code_version() else None
+
     def build(self, items: list[tuple[str, str | Path]], *, workers: int | None = None, strict: bool = False,
               report_name: str = "report", parallel_min: int = PARALLEL_MIN) -> BuildReport:
         """Make sure every (adapter_id, path) has an entry; returns what was built, reused and failed.
@@ -140,6 +178,10 @@ class TokenCache:
         `strict` raises the first failure instead of skipping it. `workers` processes are used only
         when at least `parallel_min` adapters are pending (benchmarks set it to 0).
         """
+        with self._lock():
+            return self._build(items, workers, strict, report_name, parallel_min)
+
+    def _build(self, items, workers, strict, report_name, parallel_min) -> BuildReport:
         report = BuildReport()
         pending: list[tuple[str, str, str, CacheOptions]] = []
         targets: dict[str, Path] = {}
@@ -149,13 +191,12 @@ class TokenCache:
                 continue
             target = self.entry_path(content_hash(src))
             targets[adapter_id] = target
-            error_file = target.with_suffix(".error.json")
             if target.exists():
                 report.reused += 1
                 report.entries[adapter_id] = target
-            elif error_file.exists():
+            elif (cached := self._cached_error(target.with_suffix(".error.json"))) is not None:
                 report.reused += 1
-                report.failed.append({"adapter_id": adapter_id, "path": str(src), **json.loads(error_file.read_text())})
+                report.failed.append({"adapter_id": adapter_id, "path": str(src), **cached})
             else:
                 pending.append((adapter_id, str(src), str(target), self.options))
         if strict and report.failed:
@@ -180,10 +221,10 @@ class TokenCache:
                     raise W2TError(error, path=src)
                 log.warning("skipping bad adapter %s", error)
                 report.failed.append({"adapter_id": adapter_id, "path": src, "error": error})
-                _atomic_write(target.with_suffix(".error.json"), lambda tmp, e=error: Path(tmp).write_text(json.dumps({"error": e})))
+                atomic_write_text(target.with_suffix(".error.json"), json.dumps({"error": error, "code": reading_code_version()}))
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        _atomic_write(self.dir / f"{report_name}.json", lambda tmp: Path(tmp).write_text(json.dumps(
-            {"built": report.built, "reused": report.reused, "failed": report.failed}, indent=1)))
+        atomic_write_text(self.dir / f"{report_name}.json", json.dumps(
+            {"built": report.built, "reused": report.reused, "failed": report.failed}, indent=1))
         return report

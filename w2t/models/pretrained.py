@@ -13,24 +13,23 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
-from w2t.canonical import CANON_VERSION, DEFAULT_RTOL
+from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL
 from w2t.errors import SchemaError, W2TError
-from w2t.formats import load_adapter
+from w2t.io.formats import load_adapter
 from w2t.progress import progress
-from w2t.representation import adapter_components
-from w2t.tokens import TokenSchema, Tokens, collate_tokens, tokenize
+from w2t.canon.representation import adapter_components
+from w2t.data.tokens import Tokens, collate_tokens, tokenize
 
 if TYPE_CHECKING:
-    from w2t.encoder import W2TEncoder
+    from w2t.models.w2t import W2TEncoder  # the type hints of the mixin's `self`
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class PretrainedConfig:
         if config.canon_version != CANON_VERSION:
             raise W2TError(
                 f"the encoder was trained on canonicalization version {config.canon_version} (w2t "
-                f"{config.w2t_version}), but this w2t (version {_w2t_version()}) canonicalizes with version "
+                f"{config.w2t_version}), but this w2t (version {w2t_version()}) canonicalizes with version "
                 f"{CANON_VERSION}: its tokens would differ from what the encoder learned. Use the w2t version it "
                 "was trained with, or retrain/export it with this one.", path, "canonicalization.version")
         return config
@@ -96,7 +95,7 @@ class EmbedResult:
     failed: dict[str, str] = field(default_factory=dict)  # id -> error message
 
 
-def _w2t_version() -> str:
+def w2t_version() -> str:
     try:
         return version("w2t")
     except PackageNotFoundError:
@@ -109,13 +108,13 @@ def fingerprint(directory: str | Path) -> str:
 
 
 class PretrainedMixin:
-    """`save_pretrained` / `from_pretrained` / `embed` for every encoder of `w2t.models.ENCODERS`.
+    """`save_pretrained` and `embed` for every encoder of `w2t.models.ENCODERS` (`load_pretrained` reads them back).
 
     An encoder defines `arch` (its registry key), `schema`, `config` (a dataclass) and `dim`.
     """
 
     arch: str = "w2t"
-    canon: CanonOptions = CanonOptions()  # the options its training data used; from_pretrained sets the saved ones
+    canon: CanonOptions = CanonOptions()  # the options its training data used; load_pretrained sets the saved ones
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -132,33 +131,10 @@ class PretrainedMixin:
                              self.canon.representation if representation is None else representation)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = PretrainedConfig(**self.config_dict(), canon=canon, w2t_version=_w2t_version())
+        config = PretrainedConfig(**self.config_dict(), canon=canon, w2t_version=w2t_version())
         save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
         (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
         return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> W2TEncoder:
-        """Rebuild a saved encoder, of whatever architecture it was saved as, from its folder
-        (safetensors + JSON only), in eval mode."""
-        from w2t.models import ENCODERS  # not at import time: the encoders import this module
-
-        config = PretrainedConfig.read(directory)
-        if config.arch not in ENCODERS:
-            raise W2TError(f"unknown encoder architecture {config.arch!r}; this w2t ({_w2t_version()}) knows "
-                           f"{sorted(ENCODERS)}", Path(directory) / CONFIG_FILE, "arch")
-        enc_cls, cfg_cls = ENCODERS[config.arch]
-        known = {f.name for f in fields(cfg_cls)}
-        if unknown := set(config.encoder) - known:
-            raise W2TError(f"encoder options {sorted(unknown)} are unknown to this w2t ({_w2t_version()}); "
-                           f"the encoder was saved by w2t {config.w2t_version}", Path(directory) / CONFIG_FILE)
-        encoder = enc_cls(TokenSchema.from_dict(config.schema), cfg_cls(**config.encoder))
-        encoder.canon = config.canon
-        try:
-            load_model(encoder, str(Path(directory) / WEIGHTS_FILE), strict=True, device=str(device))
-        except (FileNotFoundError, SafetensorError, RuntimeError) as e:
-            raise W2TError(f"weights do not load into the saved architecture ({e})", Path(directory) / WEIGHTS_FILE) from None
-        return encoder.to(device).eval()
 
     # ---- embedding -----------------------------------------------------------------------------
     def adapter_tokens(self: W2TEncoder, path: str | Path, *, allow_pickle: bool = False) -> Tokens:

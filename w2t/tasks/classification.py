@@ -1,0 +1,88 @@
+"""Attribute classification: multi-class (cross-entropy) over `label_column`, or multi-label (BCE) over `label_columns`."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.multioutput import MultiOutputClassifier
+from sklearn.neighbors import KNeighborsClassifier
+from torchmetrics.functional import auroc
+from torchmetrics.functional.classification import accuracy, f1_score, multilabel_auroc
+
+from w2t.tasks.base import PredictionTask, mlp, register
+
+
+@register
+class Classification(PredictionTask):
+    name = "classification"
+    columns = ("acc", "macro_f1", "auroc")
+    primary = "acc"
+
+    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, label_smoothing: float = 0.0):
+        super().__init__()
+        self.multilabel = bool(info.label_columns)
+        self.n = len(info.label_columns) if self.multilabel else len(info.classes)
+        if self.n < 2:
+            raise ValueError("classification needs data.label_column with ≥ 2 classes or data.label_columns")
+        self.monitor = "val/auroc" if self.multilabel else "val/acc"
+        self.head = mlp(d, self.n, hidden, dropout)
+        self.label_smoothing = label_smoothing
+
+    def loss(self, emb, batch):
+        logits = self.head(emb)
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, batch["labels"])
+        return F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+
+    def evaluate(self, out, batch):
+        keep = batch["in_split"]
+        logits = out[keep].float()
+        if self.multilabel:
+            y, p = batch["labels"][keep].long(), torch.sigmoid(logits)
+            kw = dict(task="multilabel", num_labels=self.n)
+        else:
+            y, p = batch["label"][keep], logits.softmax(-1)
+            kw = dict(task="multiclass", num_classes=self.n)
+        return {"acc": accuracy(p, y, average="micro", **kw).item(), "macro_f1": f1_score(p, y, average="macro", **kw).item(),
+                "auroc": auroc(p, y, average="macro", **kw).item()}
+
+    # ---- the simple reads: logistic regression (C=0.1) or a 5-nearest-neighbour vote -------------
+    def estimator(self, kind, seed):
+        est = (LogisticRegression(C=0.1, max_iter=2000, random_state=seed) if kind == "linear"
+               else KNeighborsClassifier(5, weights="distance"))
+        return MultiOutputClassifier(est) if self.multilabel else est
+
+    def targets(self, split):
+        return split["labels" if self.multilabel else "label"].numpy()
+
+    def estimator_outputs(self, est, X):
+        """Logits: of P(label = 1) per label (multi-label), or log-probabilities over all classes."""
+        if self.multilabel:
+            p = np.stack([pr[:, -1] if pr.shape[1] > 1 else np.zeros(len(X)) for pr in est.predict_proba(X)], 1)
+            p = np.clip(p, 1e-7, 1 - 1e-7)
+            return torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32)
+        proba = np.full((len(X), self.n), 1e-7)
+        proba[:, est.classes_.astype(int)] = np.clip(est.predict_proba(X), 1e-7, None)
+        return torch.as_tensor(np.log(proba), dtype=torch.float32)
+
+    def plot(self, ax, out, split, info):
+        keep = split["in_split"]
+        if self.multilabel:
+            per = multilabel_auroc(torch.sigmoid(out[keep]), split["labels"][keep].long(), num_labels=self.n, average="none")
+            ax.bar(range(self.n), per.numpy())
+            ax.set_xticks(range(self.n))
+            ax.set_xticklabels(info.label_columns, rotation=45, ha="right")
+            ax.set(ylim=(0, 1), ylabel="AUROC", title="per-label AUROC (test)")
+            return "per_label_auroc"
+        y, p = split["label"][keep].numpy(), out[keep].argmax(-1).numpy()
+        cm = np.zeros((self.n, self.n), int)
+        np.add.at(cm, (y, p), 1)
+        ax.imshow(cm, cmap="Blues")
+        ax.set(xticks=range(self.n), yticks=range(self.n), xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+        ax.set_xticklabels(info.classes, rotation=45, ha="right")
+        ax.set_yticklabels(info.classes)
+        for i in range(self.n):
+            for j in range(self.n):
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7)
+        return "confusion_matrix"

@@ -1,0 +1,56 @@
+"""Performance prediction: MSE on the standardized `target_column`, metrics in its own units."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import RidgeCV
+from sklearn.neighbors import KNeighborsRegressor
+from torchmetrics.functional import kendall_rank_corrcoef, mean_absolute_error, r2_score, spearman_corrcoef
+
+from w2t.tasks.base import PredictionTask, mlp, register
+
+
+@register
+class Performance(PredictionTask):
+    name = "performance"
+    columns = ("r2", "spearman", "kendall", "mae")
+    primary = "spearman"
+    monitor = "val/spearman"
+
+    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1):
+        super().__init__()
+        self.head = mlp(d, 1, hidden, dropout)
+        self.mean, self.std = info.target_mean, info.target_std
+
+    def outputs(self, emb):
+        return self.head(emb).squeeze(-1) * self.std + self.mean
+
+    def loss(self, emb, batch):
+        z = (batch["target"] - self.mean) / self.std
+        return F.mse_loss(self.head(emb).squeeze(-1), z)
+
+    def evaluate(self, out, batch):
+        keep = batch["in_split"]
+        p, y = out[keep].double(), batch["target"][keep].double()
+        return {"r2": r2_score(p, y).item(), "spearman": spearman_corrcoef(p, y).item(),
+                "kendall": kendall_rank_corrcoef(p, y).item(), "mae": mean_absolute_error(p, y).item()}
+
+    # ---- the simple reads: ridge regression (α by cross-validation) or 5-nearest-neighbour averaging ----
+    def estimator(self, kind, seed):
+        return RidgeCV(alphas=np.logspace(-2, 4, 13)) if kind == "linear" else KNeighborsRegressor(5, weights="distance")
+
+    def targets(self, split):
+        return split["target"].numpy()
+
+    def estimator_outputs(self, est, X):
+        return torch.as_tensor(est.predict(X), dtype=torch.float32)
+
+    def plot(self, ax, out, split, info):
+        keep = split["in_split"]
+        y, p = split["target"][keep].numpy(), out[keep].numpy()
+        ax.scatter(y, p, s=12, alpha=0.7)
+        lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(xlabel="true", ylabel="predicted", title="performance prediction (test)")
+        return "pred_vs_true"

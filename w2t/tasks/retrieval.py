@@ -1,0 +1,173 @@
+"""Adapter retrieval (DESIGN §5): queries rank the gallery by cosine of their embeddings; relevant = same group.
+
+A query never retrieves itself. Metrics are computed over the whole split at once (never averaged
+per batch); queries with no relevant gallery item are left out and counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from w2t.data.tokens import TokenSchema
+from w2t.io.formats import load_adapter
+from w2t.models.features import delta_w_features, raw_features, sketch_features
+from w2t.tasks.base import Task, mlp, register
+
+
+@dataclass
+class Standardize:
+    """The fitted read of fixed features for retrieval: standardized with the training split's statistics."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def __call__(self, X: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor((X - self.mean) / self.std, dtype=torch.float32)
+
+    def num_parameters(self) -> int:
+        return 0
+
+
+@register
+class Retrieval(Task):
+    """Supervised contrastive (InfoNCE) on groups; ranked by cosine of the projected embedding.
+
+    `neighbourhood_weight` weights a second term, `neighbourhood_loss`: the contrastive loss alone
+    separates the training groups and forgets how unseen ones lie; keeping each adapter's
+    neighbourhood of normalized-ΔW cosines (softmax at `neighbourhood_temperature`) is what carries
+    over to open-set retrieval (`experiment=retrieval_open`). 0: off.
+    """
+
+    name = "retrieval"
+    columns = ("mrr", "hit@1", "hit@10", "ndcg@10", "map")
+    primary = "mrr"
+    baselines = ("raw", "sketch", "dw")
+    uses_gallery = True
+
+    def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
+                 monitor: str = "val/mrr", neighbourhood_weight: float = 0.0, neighbourhood_temperature: float = 0.05):
+        super().__init__()
+        if monitor not in {f"val/{k}" for k in self.columns}:
+            raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
+        self.monitor = monitor
+        if info.num_groups < 2:
+            raise ValueError("retrieval needs data.group_column with ≥ 2 groups")
+        self.head = mlp(d, proj_dim, hidden, dropout)
+        self.temperature = temperature
+        self.schema = TokenSchema.from_dict(info.schema)
+        self.neighbourhood_weight, self.neighbourhood_temperature = neighbourhood_weight, neighbourhood_temperature
+
+    def outputs(self, emb):
+        return F.normalize(self.head(emb), dim=-1)
+
+    def loss(self, emb, batch):
+        z = self.outputs(emb)
+        loss = supcon_loss(z, batch["group"], self.temperature)
+        if self.neighbourhood_weight:
+            teacher = delta_w_features(batch["tokens"], self.schema).to(z)
+            loss = loss + self.neighbourhood_weight * neighbourhood_loss(z, teacher, self.temperature,
+                                                                         self.neighbourhood_temperature)
+        return loss
+
+    def evaluate(self, out, batch):
+        q = batch["in_split"] & batch["is_query"]
+        g = batch["in_gallery"]
+        g_idx = torch.full((len(out),), -1, dtype=torch.long, device=out.device)
+        g_idx[g] = torch.arange(int(g.sum()), device=out.device)
+        return retrieval_metrics(out[q], batch["group"][q], out[g], batch["group"][g], query_in_gallery=g_idx[q])
+
+    def fit_read(self, X, train, kind="linear", seed=0) -> Standardize:
+        return Standardize(X.mean(0), X.std(0) + 1e-12)
+
+    def baseline_metrics(self, dm, seed, stages):
+        """Cosine ranking of fixed features: no fitting, so unseen groups are read like seen ones."""
+        out: dict[str, float] = {}
+        for stage in stages:
+            split = dm.whole_split(stage)
+            raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)], allow_pickle=dm.hp.allow_pickle), dm.schema)
+                               for i in split["index"]])
+            feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed),
+                     "dw": delta_w_features(split["tokens"], dm.schema, seed=seed)}
+            for name, x in feats.items():
+                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(x, split).items()}
+        return out
+
+    def plot(self, ax, out, split, info):
+        z = out[split["in_split"]].double()
+        z = z - z.mean(0)
+        _, _, V = torch.linalg.svd(z, full_matrices=False)
+        xy = (z @ V[:2].T).numpy()
+        ax.scatter(xy[:, 0], xy[:, 1], c=split["group"][split["in_split"]].numpy(), cmap="tab20", s=14)
+        ax.set(xlabel="PC 1", ylabel="PC 2", title="test embeddings, colored by group")
+        return "embeddings_2d"
+
+
+def supcon_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Khosla et al. supervised contrastive loss; anchors without a positive in the batch are skipped."""
+    sim = z @ z.T / temperature  # (B, B)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    pos = (groups[:, None] == groups[None, :]) & ~eye
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not has.any():
+        return z.sum() * 0.0
+    per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1)[has] / n_pos[has]
+    return per_anchor.mean()
+
+
+def neighbourhood_loss(z: torch.Tensor, teacher: torch.Tensor, temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """KL from the teacher's neighbour distribution (softmax of its cosines, self excluded) to the
+    embedding's: keeps who is near whom in ΔW, not the cosines themselves, so it can sit beside a
+    contrastive loss that pulls groups together."""
+    t = F.normalize(teacher, dim=-1)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_p = F.log_softmax((t @ t.T / teacher_temperature).masked_fill(eye, float("-inf")), dim=1)
+    log_q = F.log_softmax((z @ z.T / temperature).masked_fill(eye, float("-inf")), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(eye, 0.0).sum(1)
+    return kl.mean()
+
+
+def retrieval_metrics(
+    query_emb: torch.Tensor,  # (Q, d)
+    query_groups: torch.Tensor,  # (Q,) int
+    gallery_emb: torch.Tensor,  # (G, d)
+    gallery_groups: torch.Tensor,  # (G,) int
+    query_in_gallery: torch.Tensor | None = None,  # (Q,) gallery position of each query, -1 if absent
+    k: int = 10,
+) -> dict[str, float]:
+    """MRR, hit@1, hit@k, nDCG@k and mAP, averaged over queries that have a relevant item."""
+    sims = F.normalize(query_emb.double(), dim=-1) @ F.normalize(gallery_emb.double(), dim=-1).T  # (Q, G)
+    relevant = query_groups[:, None] == gallery_groups[None, :]  # (Q, G)
+    if query_in_gallery is not None:
+        rows = torch.nonzero(query_in_gallery >= 0).squeeze(-1)
+        sims[rows, query_in_gallery[rows]] = float("-inf")
+        relevant[rows, query_in_gallery[rows]] = False
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    rel = torch.gather(relevant, 1, order).double()  # (Q, G) relevance in ranked order
+    n_rel = rel.sum(1)
+    keep = n_rel > 0
+    rel, n_rel = rel[keep], n_rel[keep]
+    n_q = int(keep.sum())
+    if n_q == 0:
+        return {"mrr": float("nan"), "hit@1": float("nan"), f"hit@{k}": float("nan"), f"ndcg@{k}": float("nan"),
+                "map": float("nan"), "num_queries": 0}
+    ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    first = rel.argmax(1).double() + 1  # rank of the first relevant item
+    discounts = 1.0 / torch.log2(ranks[:k] + 1)
+    dcg = (rel[:, :k] * discounts).sum(1)
+    ideal = torch.stack([discounts[: int(min(c, k))].sum() for c in n_rel.tolist()])
+    precision_at = rel.cumsum(1) / ranks
+    ap = (precision_at * rel).sum(1) / n_rel
+    return {
+        "mrr": (1.0 / first).mean().item(),
+        "hit@1": (first <= 1).double().mean().item(),
+        f"hit@{k}": (first <= k).double().mean().item(),
+        f"ndcg@{k}": (dcg / ideal).mean().item(),
+        "map": ap.mean().item(),
+        "num_queries": n_q,
+    }
