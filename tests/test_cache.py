@@ -121,3 +121,74 @@ def test_cache_key_tracks_content_and_options(items, tmp_path, tiny_collection):
     assert a.dir != b.dir
     h1 = cache_mod.content_hash(items[0][1])
     assert h1 == cache_mod.content_hash(items[0][1]) and h1 != cache_mod.content_hash(items[1][1])
+
+
+@pytest.mark.parametrize("stamp", ["READER_VERSION", "KEYS_VERSION", "CANON_VERSION"])
+def test_a_new_reader_naming_rule_or_canonicalization_rebuilds(stamp, items, tmp_path, monkeypatch, counted):
+    """Each version stamp is part of the cache key: bumping one reads every adapter again."""
+    TokenCache(tmp_path).build(items[:3])
+    assert TokenCache(tmp_path).build(items[:3]).reused == 3
+    monkeypatch.setattr(cache_mod, stamp, getattr(cache_mod, stamp) + 1)
+    again = TokenCache(tmp_path).build(items[:3])
+    assert again.built == 3 and again.reused == 0 and len(counted) == 6
+
+
+def test_a_cached_failure_is_retried_once_the_reading_code_changes(items, tmp_path, monkeypatch):
+    bad_id, bad_path = items[0]
+    real_load = cache_mod.load_adapter
+
+    def broken_reader(path, **kw):  # a reader bug that refuses one good adapter
+        if str(path) == str(bad_path):
+            raise W2TError("refused by a reader bug", path)
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(cache_mod, "load_adapter", broken_reader)
+    first = TokenCache(tmp_path).build(items[:3])
+    assert [f["adapter_id"] for f in first.failed] == [bad_id]
+    monkeypatch.setattr(cache_mod, "load_adapter", real_load)  # the bug is fixed...
+    same_code = TokenCache(tmp_path).build(items[:3])
+    assert [f["adapter_id"] for f in same_code.failed] == [bad_id], "...but this code version recorded the failure"
+    monkeypatch.setattr(cache_mod, "reading_code_version", lambda: "fixed")  # ...and the code that reads changed
+    fixed = TokenCache(tmp_path).build(items[:3])
+    assert not fixed.failed and fixed.built == 1 and bad_id in fixed.entries
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import w2t.data.cache as cache_mod
+from w2t.data.cache import TokenCache
+from w2t.data.collection import read_metadata
+
+real_save, calls = cache_mod.save_file, []
+
+def save_then_die(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) == 4:  # half of the fourth entry is on disk when the process is killed
+        with open(filename, "wb") as f:
+            f.write(b"half an entry")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(tensors, filename, metadata=metadata)
+
+cache_mod.save_file = save_then_die
+table = read_metadata(sys.argv[1])
+TokenCache(sys.argv[2]).build(list(zip(table["adapter_id"], table["abs_path"])), workers=1)
+"""
+
+
+def test_a_build_killed_by_sigkill_leaves_no_temporary_file_after_the_next_build(items, tiny_collection, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(tiny_collection), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    cache = TokenCache(tmp_path / "cache")
+    assert len(list(cache.dir.rglob("*.tmp"))) == 1 and len(list(cache.dir.rglob("*.safetensors"))) == 3
+    report = cache.build(items)
+    assert report.built == len(items) - 3 and report.reused == 3 and not report.failed
+    assert not list(cache.dir.rglob("*.tmp")), "the next build removes what the killed one left"
+    clean = TokenCache(tmp_path / "clean").build(items)
+    for adapter_id, _ in items:  # consistent: every entry equals the one a clean build writes
+        got, ref = load_entry(report.entries[adapter_id]), load_entry(clean.entries[adapter_id])
+        assert all(torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V) for a, b in zip(got, ref))

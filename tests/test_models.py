@@ -13,7 +13,7 @@ import torch
 from test_train import CONTRACT_KEYS, fast, make_cfg
 from w2t.io.adapter import Adapter, LoraModule
 from w2t.io.formats import load_adapter
-from w2t.models.spectral import SpectralModel
+from w2t.train.spectral import SpectralModel
 from w2t.canon.representation import adapter_components
 from w2t.train.run import setup_run, train
 from w2t.data.tokens import collate_tokens, tokenize

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,74 @@ def test_readme_main_command_subprocess(tiny_collection, tmp_path):
     assert "baseline: sketch" in proc.stdout and "mrr" in proc.stdout
     runs = list((tmp_path / "logs" / "retrieval" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
+
+
+def test_multilabel_classification_end_to_end(tiny_collection, tmp_path):
+    """`data.label_columns`: one sigmoid per 0/1 column, monitored by AUROC, and eval.py reads it back."""
+    labels = "digit_1,digit_3,digit_6,digit_8"  # digits_tiny's subsets (even, low) leave the other columns constant
+    out = tmp_path / "run"
+    cfg = make_cfg(["experiment=classification", "data.label_column=null", f"data.label_columns=[{labels}]",
+                    "data.split=random", *fast(tiny_collection, tmp_path)], out)
+    train(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test/acc", "test/macro_f1", "test/auroc", "val/auroc", "test/baseline_dw/auroc"):
+        assert math.isfinite(metrics[key]), key
+    model = AdapterModel.load_from_checkpoint(out / "checkpoints" / "best.ckpt", weights_only=True)
+    assert model.task.multilabel and model.task.n == 4 and model.monitor == ("val/auroc", "max")
+    assert (out / "per_label_auroc.png").exists()
+    evaluated = tmp_path / "eval"
+    cfg = make_cfg(["experiment=classification", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
+                    "data.label_column=null", f"data.label_columns=[{labels}]", "data.split=random",
+                    f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
+    assert evaluate(cfg)["test/auroc"] == pytest.approx(metrics["test/auroc"])
+
+
+@pytest.mark.parametrize("experiment,key", [("retrieval", "test/mrr"), ("performance", "test/spearman")])
+def test_eval_scores_a_checkpoint_as_training_tested_it(experiment, key, tiny_collection, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg([f"experiment={experiment}", *fast(tiny_collection, tmp_path)], out))
+    trained = json.loads((out / "metrics.json").read_text())
+    evaluated = tmp_path / "eval"
+    cfg = make_cfg([f"experiment={experiment}", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
+                    f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
+    metrics = evaluate(cfg)
+    assert json.loads((evaluated / "metrics.json").read_text()) == metrics
+    for k in CONTRACT_KEYS[experiment]:
+        if k.startswith("test/"):
+            assert metrics[k] == pytest.approx(trained[k], abs=1e-6), k  # same checkpoint, same split, same scores
+
+
+def test_a_checkpoint_fine_tuned_from_an_exported_encoder_needs_nothing_else(tiny_collection, tmp_path):
+    first = tmp_path / "first"
+    train(make_cfg(["experiment=classification", *fast(tiny_collection, tmp_path, "trainer.max_epochs=1")], first))
+    exported = tmp_path / "exported"
+    (first / "encoder").rename(exported)
+    tuned = tmp_path / "tuned"
+    train(make_cfg(["experiment=classification", f"model.pretrained={exported}",
+                    *fast(tiny_collection, tmp_path, "trainer.max_epochs=1")], tuned))
+    scores = json.loads((tuned / "metrics.json").read_text())
+    for f in exported.iterdir():  # the folder it started from is gone
+        f.unlink()
+    exported.rmdir()
+    model = AdapterModel.load_from_checkpoint(tuned / "checkpoints" / "best.ckpt", weights_only=True)
+    assert model.hparams.pretrained is None
+    evaluated = tmp_path / "eval"
+    cfg = make_cfg(["experiment=classification", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
+                    f"ckpt_path={tuned / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
+    assert evaluate(cfg)["test/acc"] == pytest.approx(scores["test/acc"])
+
+
+def test_a_pickle_collection_trains_and_scores_its_raw_baseline_when_allowed(tiny_collection, tmp_path):
+    """Legacy `.bin` adapters: read with weights_only=True behind data.allow_pickle, baselines included."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "bin_collection"
+    shutil.copytree(tiny_collection, root)
+    for weights in root.rglob("adapter_model.safetensors"):
+        torch.save(load_file(weights), weights.with_suffix(".bin"))
+        weights.unlink()
+    out = tmp_path / "run"
+    train(make_cfg(["experiment=retrieval", "data.allow_pickle=true",
+                    *fast(root, tmp_path, "trainer.max_epochs=1")], out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/baseline_raw/mrr"]) and math.isfinite(metrics["test/mrr"])

@@ -4,7 +4,8 @@
 * `flat_mlp`: an MLP on the flattened raw factors (not invariant to anything);
 * `glnet`: a GL(r)-equivariant network on the factors (B, Aᵀ), after Putterman et al. 2024;
 * `sketch`: a small MLP on a fixed random sketch of each module's ΔW (invariant, input not learned);
-* `spectral` (spectral.py): scikit-learn on singular-value statistics, not an encoder.
+* `spectral` (w2t/train/spectral.py): scikit-learn on singular-value statistics, fitted by the task's own
+  simple read: not an encoder.
 """
 from w2t.models.registry import ENCODERS, build_encoder, load_pretrained
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from w2t.models.pretrained import PretrainedMixin
+from w2t.models.pretrained import Encoder
 from w2t.data.tokens import TokenSchema, Tokens
 
 
@@ -24,24 +24,18 @@ class FlatMLPConfig:
     dropout: float = 0.2
 
 
-class FlatMLPEncoder(nn.Module, PretrainedMixin):
+class FlatMLPEncoder(Encoder):
     arch = "flat_mlp"
 
     def __init__(self, schema: TokenSchema, config: FlatMLPConfig | None = None):
-        super().__init__()
-        self.schema = schema
-        self.config = cfg = config or FlatMLPConfig()
-        self.names = [g.name for g in schema.groups]
+        super().__init__(schema, config or FlatMLPConfig())
+        cfg = self.config
         self.inp = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(g.max_rank * (g.m + g.n)), nn.Linear(g.max_rank * (g.m + g.n), cfg.module_dim))
             for g in schema.groups)
         n_in = cfg.module_dim * sum(g.num_layers for g in schema.groups)
         self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(n_in, cfg.hidden), nn.GELU(),
                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.d_model), nn.LayerNorm(cfg.d_model))
-
-    @property
-    def dim(self) -> int:
-        return self.config.d_model
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
         parts = []

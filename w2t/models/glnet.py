@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from w2t.models.features import gram_norm, orthonormal
 from w2t.models.layers import ModulePositions, pool_modules, signed_log
-from w2t.models.pretrained import PretrainedMixin
+from w2t.models.pretrained import Encoder
 from w2t.data.tokens import TokenSchema, Tokens
 
 
@@ -70,15 +70,13 @@ class _GLLayer(nn.Module):
         return U + U1 * gate_u.unsqueeze(-2), V + V1 * gate_v.unsqueeze(-2)
 
 
-class GLNetEncoder(nn.Module, PretrainedMixin):
+class GLNetEncoder(Encoder):
     arch = "glnet"
 
     def __init__(self, schema: TokenSchema, config: GLNetConfig | None = None):
-        super().__init__()
-        self.schema = schema
-        self.config = cfg = config or GLNetConfig()
+        super().__init__(schema, config or GLNetConfig())
+        cfg = self.config
         C, k, d = cfg.channels, cfg.sketch_dim, cfg.d_model
-        self.names = [g.name for g in schema.groups]
         dims = [(self._width(g.m), self._width(g.n)) for g in schema.groups]
         self.reduce_u = nn.ParameterList(self._reducer(g.m, m) for g, (m, _) in zip(schema.groups, dims))
         self.reduce_v = nn.ParameterList(self._reducer(g.n, n) for g, (_, n) in zip(schema.groups, dims))
@@ -91,10 +89,6 @@ class GLNetEncoder(nn.Module, PretrainedMixin):
         self.module_norm = nn.LayerNorm(d)
         self.positions = ModulePositions(schema, d)
         self.out_norm = nn.LayerNorm(d)
-
-    @property
-    def dim(self) -> int:
-        return self.config.d_model
 
     def _width(self, size: int) -> int:
         return size if self.config.row_dim is None else min(size, self.config.row_dim)

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_model
 
 from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL
@@ -26,10 +27,8 @@ from w2t.errors import SchemaError, W2TError
 from w2t.io.formats import load_adapter
 from w2t.progress import progress
 from w2t.canon.representation import adapter_components
-from w2t.data.tokens import Tokens, collate_tokens, tokenize
+from w2t.data.tokens import TokenSchema, Tokens, collate_tokens, tokenize
 
-if TYPE_CHECKING:
-    from w2t.models.w2t import W2TEncoder  # the type hints of the mixin's `self`
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +106,23 @@ def fingerprint(directory: str | Path) -> str:
     return hashlib.sha256((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
-class PretrainedMixin:
-    """`save_pretrained` and `embed` for every encoder of `w2t.models.ENCODERS` (`load_pretrained` reads them back).
-
-    An encoder defines `arch` (its registry key), `schema`, `config` (a dataclass) and `dim`.
-    """
+class Encoder(nn.Module):
+    """What every encoder of `w2t.models.ENCODERS` shares: its schema and config, `save_pretrained` and
+    `embed` (`load_pretrained` reads it back). A subclass defines `arch` (its registry key) and a
+    config dataclass with `d_model`, the embedding size."""
 
     arch: str = "w2t"
     canon: CanonOptions = CanonOptions()  # the options its training data used; load_pretrained sets the saved ones
+
+    def __init__(self, schema: TokenSchema, config):
+        super().__init__()
+        self.schema = schema
+        self.config = config
+        self.names = [g.name for g in schema.groups]
+
+    @property
+    def dim(self) -> int:
+        return self.config.d_model
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -122,7 +130,7 @@ class PretrainedMixin:
     def config_dict(self) -> dict:
         return {"arch": self.arch, "encoder": asdict(self.config), "schema": self.schema.to_dict()}
 
-    def save_pretrained(self: W2TEncoder, directory: str | Path, *, sign_rule: bool | None = None,
+    def save_pretrained(self, directory: str | Path, *, sign_rule: bool | None = None,
                         rtol: float | None = None, representation: str | None = None) -> Path:
         """Write `model.safetensors` + `config.json`; `sign_rule`/`rtol` (default: `self.canon`) must be
         the canonicalization options the training data was built with."""
@@ -137,7 +145,7 @@ class PretrainedMixin:
         return directory
 
     # ---- embedding -----------------------------------------------------------------------------
-    def adapter_tokens(self: W2TEncoder, path: str | Path, *, allow_pickle: bool = False) -> Tokens:
+    def adapter_tokens(self, path: str | Path, *, allow_pickle: bool = False) -> Tokens:
         """Read → canonicalize → tokenize one adapter against this encoder's schema.
 
         Modules outside the schema are masked with a warning naming them; SchemaError when none fits.
@@ -155,7 +163,7 @@ class PretrainedMixin:
         return tokens
 
     @torch.no_grad()
-    def embed_tokens(self: W2TEncoder, items: list[Tokens]) -> torch.Tensor:
+    def embed_tokens(self, items: list[Tokens]) -> torch.Tensor:
         """Embeddings (B, d) of tokenized adapters, in eval mode whatever mode the encoder is in."""
         device = next(self.parameters()).device
         batch = {g: {k: v.to(device) for k, v in t.items()} for g, t in collate_tokens(items).items()}
@@ -166,14 +174,14 @@ class PretrainedMixin:
         finally:
             self.train(was_training)
 
-    def embed(self: W2TEncoder, paths: str | Path | Sequence[str | Path], *, batch_size: int = 32,
+    def embed(self, paths: str | Path | Sequence[str | Path], *, batch_size: int = 32,
               allow_pickle: bool = False) -> torch.Tensor:
         """Embeddings (N, d) of adapter files/folders, in order; the first unreadable adapter raises."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         out = [emb for _, emb in self._embed_batches(paths, batch_size, allow_pickle, on_error=None)]
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
-    def embed_many(self: W2TEncoder, paths: Sequence[str | Path], ids: Sequence[str] | None = None, *,
+    def embed_many(self, paths: Sequence[str | Path], ids: Sequence[str] | None = None, *,
                    batch_size: int = 32, allow_pickle: bool = False) -> EmbedResult:
         """Embed a library: an adapter that fails is logged and listed in `failed`, the rest go on."""
         ids = [str(p) for p in paths] if ids is None else [str(i) for i in ids]
@@ -191,7 +199,7 @@ class PretrainedMixin:
             out.append(emb)
         return EmbedResult(torch.cat(out) if out else torch.empty(0, self.dim), done, failed)
 
-    def _embed_batches(self: W2TEncoder, paths: list[str | Path], batch_size: int, allow_pickle: bool,
+    def _embed_batches(self, paths: list[str | Path], batch_size: int, allow_pickle: bool,
                        on_error: Callable[[int, W2TError], None] | None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield (indices, embeddings) batch by batch, so a library of any size never holds more than one
         batch of tokens. A failing adapter goes to `on_error` (None: raise)."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from w2t.models.features import bilinear_readout, fixed_projections
 from w2t.models.layers import signed_log
-from w2t.models.pretrained import PretrainedMixin
+from w2t.models.pretrained import Encoder
 from w2t.data.tokens import TokenSchema, Tokens
 
 
@@ -25,14 +25,12 @@ class SketchConfig:
     seed: int = 0  # of the fixed projections
 
 
-class SketchEncoder(nn.Module, PretrainedMixin):
+class SketchEncoder(Encoder):
     arch = "sketch"
 
     def __init__(self, schema: TokenSchema, config: SketchConfig | None = None):
-        super().__init__()
-        self.schema = schema
-        self.config = cfg = config or SketchConfig()
-        self.names = [g.name for g in schema.groups]
+        super().__init__(schema, config or SketchConfig())
+        cfg = self.config
         for i, g in enumerate(schema.groups):  # buffers: saved with the weights, never trained
             Ru, Rv = fixed_projections(g, cfg.k, cfg.seed)
             self.register_buffer(f"Ru_{i}", Ru.float())
@@ -40,10 +38,6 @@ class SketchEncoder(nn.Module, PretrainedMixin):
         n_in = cfg.k**2 * sum(g.num_layers for g in schema.groups)
         self.mlp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(cfg.hidden, cfg.d_model), nn.LayerNorm(cfg.d_model))
-
-    @property
-    def dim(self) -> int:
-        return self.config.d_model
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
         feats = []

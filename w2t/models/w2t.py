@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from w2t.models.features import bilinear_readout, orthonormal
 from w2t.models.layers import SigmaFeatures, pool_modules
-from w2t.models.pretrained import PretrainedMixin
+from w2t.models.pretrained import Encoder
 from w2t.data.tokens import TokenSchema, Tokens
 
 
@@ -50,15 +50,13 @@ class EncoderConfig:
             raise ValueError(f"module_dropout must be in [0, 1), got {self.module_dropout}")
 
 
-class W2TEncoder(nn.Module, PretrainedMixin):
+class W2TEncoder(Encoder):
     arch = "w2t"
 
     def __init__(self, schema: TokenSchema, config: EncoderConfig | None = None):
-        super().__init__()
-        self.schema = schema
-        self.config = cfg = config or EncoderConfig()
+        super().__init__(schema, config or EncoderConfig())
+        cfg = self.config
         d, dm = cfg.d_model, cfg.d_module
-        self.names = [g.name for g in schema.groups]
         k = cfg.sketch_dim
         self.P_u = nn.ParameterList(nn.Parameter(orthonormal(g.m, min(k, g.m))) for g in schema.groups)
         self.P_v = nn.ParameterList(nn.Parameter(orthonormal(g.n, min(k, g.n))) for g in schema.groups)
@@ -77,10 +75,6 @@ class W2TEncoder(nn.Module, PretrainedMixin):
                 nn.init.zeros_(block.linear2.weight)
         else:
             self.modules_tf = None
-
-    @property
-    def dim(self) -> int:
-        return self.config.d_model
 
     def _module_tokens(self, i: int, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of group i: (B, L, d) module tokens and (B, L) presence mask."""

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from w2t.data.datamodule import AdapterDataModule
 from w2t.models.pretrained import data_options
-from w2t.models.spectral import SpectralModel
+from w2t.train.spectral import SpectralModel
 from w2t.tasks import TASKS
 from w2t.train.lightning_module import AdapterModel
 from w2t.train.report import print_results, save_plots

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -82,6 +84,34 @@ def pooled_map(fn: Callable[..., Any], jobs: Iterable, *args: Any, init: Callabl
         yield pool.map(fn, jobs, *constant, chunksize=chunksize)
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def plan_jobs(recipe: Any, groups: Iterable, per_group: int, prefix: str,
+              make_job: Callable[[str, Any, str, dict], Any]) -> list:
+    """Every adapter of a recipe, in a fixed order from its seed: `make_job(adapter_id, group, role,
+    hyperparameters)` for `per_group` adapters of each group. The first `query_fraction` of each group
+    are few-shot (role `query`), so every group has queries to retrieve with and a gallery trained on
+    more data to retrieve from."""
+    rng = random.Random(recipe.seed)
+    n_query = max(1, round(per_group * recipe.query_fraction))
+    jobs = []
+    for group in groups:
+        for k in range(per_group):
+            role = "query" if k < n_query else "gallery"
+            jobs.append(make_job(f"{prefix}{len(jobs):04d}", group, role, sample_training(rng, recipe, role)))
+    return jobs
+
+
+def sample_training(rng: random.Random, recipe: Any, role: str) -> dict:
+    """One adapter's rank, alpha, lr, steps, n_train, targets and seed, drawn from the recipe's ranges in
+    this fixed order (a recipe's plan depends on it). Queries are trained few-shot (`query_n_train`)."""
+    rank = rng.choice(recipe.ranks)
+    names, weights = zip(*recipe.targets)
+    log_lr = [math.log10(x) for x in recipe.lr_range]
+    return dict(rank=rank, alpha=rank * rng.choice(recipe.alpha_factors), lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"),
+                steps=rng.choice(recipe.steps),
+                n_train=rng.choice(recipe.query_n_train if role == "query" else recipe.gallery_n_train),
+                targets=rng.choices(names, weights)[0], seed=rng.randrange(2**31))
 
 
 def built_hash(folder: Path) -> str | None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -21,7 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.zoo.builder import RecipeBase, pooled_map, single_thread
+from w2t.zoo.builder import RecipeBase, plan_jobs, pooled_map, single_thread
 from w2t.zoo.digits_model import (TRANSFORMS, DigitsData, DigitsViT, ViTConfig,
                                          apply_transform, heldout_accuracy, save_base,
                                          train_base)
@@ -116,30 +114,13 @@ class AdapterJob:
 
 
 def plan(recipe: Recipe) -> list[AdapterJob]:
-    """Sample every adapter's hyperparameters from the recipe seed, in a fixed order.
+    """Every adapter's hyperparameters, sampled from the recipe seed in a fixed order (`plan_jobs`)."""
+    def job(adapter_id: str, task: tuple[str, str], role: str, hyper: dict) -> AdapterJob:
+        transform, subset = task
+        return AdapterJob(path=f"adapters/{adapter_id}", adapter_id=adapter_id, task=f"{transform}-{subset}",
+                          transform=transform, subset=subset, role=role, **hyper)
 
-    The first `query_fraction` of each task's adapters are few-shot (role `query`), so every task
-    has queries to retrieve with and a gallery trained on more data to retrieve from.
-    """
-    rng = random.Random(recipe.seed)
-    names, weights = zip(*recipe.targets)
-    log_lr = [math.log10(x) for x in recipe.lr_range]
-    n_query = max(1, round(recipe.adapters_per_task * recipe.query_fraction))
-    jobs = []
-    for transform, subset in recipe.tasks:
-        for k in range(recipe.adapters_per_task):
-            role = "query" if k < n_query else "gallery"
-            rank = rng.choice(recipe.ranks)
-            adapter_id = f"a{len(jobs):04d}"
-            jobs.append(AdapterJob(
-                path=f"adapters/{adapter_id}", adapter_id=adapter_id,
-                task=f"{transform}-{subset}", transform=transform, subset=subset, role=role,
-                rank=rank, alpha=rank * rng.choice(recipe.alpha_factors),
-                lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"), steps=rng.choice(recipe.steps),
-                n_train=rng.choice(recipe.query_n_train if role == "query"
-                                   else recipe.gallery_n_train),
-                targets=rng.choices(names, weights)[0], seed=rng.randrange(2**31)))
-    return jobs
+    return plan_jobs(recipe, recipe.tasks, recipe.adapters_per_task, "a", job)
 
 
 # ---- adapter training (runs in worker processes) ---------------------------------------------

@@ -17,7 +17,6 @@ import copy
 import importlib.util
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -34,7 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.zoo.builder import RecipeBase, pooled_map, single_thread
+from w2t.zoo.builder import RecipeBase, plan_jobs, pooled_map, single_thread
 from w2t.errors import CollectionError
 from w2t.io.files import atomic_write_text
 from w2t.progress import progress
@@ -277,31 +276,14 @@ class AdapterJob:
 
 
 def plan(recipe: Recipe) -> list[AdapterJob]:
-    """Sample every adapter's hyperparameters from the recipe seed, in a fixed order.
-
-    The first `query_fraction` of each category's adapters are few-shot (role `query`): every
-    category has queries to retrieve with and a gallery trained on more text to retrieve from.
-    """
-    rng = random.Random(recipe.seed)
-    names, weights = zip(*recipe.targets)
-    log_lr = [math.log10(x) for x in recipe.lr_range]
-    n_query = max(1, round(recipe.adapters_per_category * recipe.query_fraction))
+    """Every adapter's hyperparameters, sampled from the recipe seed in a fixed order (`plan_jobs`)."""
     layers = f"{recipe.first_layer}-{N_LAYERS - 1}"
-    jobs = []
-    for category in recipe.categories:
-        for k in range(recipe.adapters_per_category):
-            role = "query" if k < n_query else "gallery"
-            rank = rng.choice(recipe.ranks)
-            adapter_id = f"t{len(jobs):04d}"
-            jobs.append(AdapterJob(
-                path=f"adapters/{adapter_id}", adapter_id=adapter_id,
-                task=f"{category}-vs-rest", category=category, role=role, rank=rank, alpha=rank * rng.choice(recipe.alpha_factors),
-                lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"), steps=rng.choice(recipe.steps),
-                n_train=rng.choice(recipe.query_n_train if role == "query"
-                                   else recipe.gallery_n_train),
-                targets=rng.choices(names, weights)[0], layers=layers,
-                seed=rng.randrange(2**31)))
-    return jobs
+
+    def job(adapter_id: str, category: str, role: str, hyper: dict) -> AdapterJob:
+        return AdapterJob(path=f"adapters/{adapter_id}", adapter_id=adapter_id, task=f"{category}-vs-rest",
+                          category=category, role=role, layers=layers, **hyper)
+
+    return plan_jobs(recipe, recipe.categories, recipe.adapters_per_category, "t", job)
 
 
 # ---- adapter training (runs in worker processes) ---------------------------------------------

@@ -1,4 +1,5 @@
-"""A non-neural baseline: scikit-learn on singular-value statistics of every module (`spectral_features`).
+"""`model=spectral`, a non-neural baseline: scikit-learn on singular-value statistics of every module
+(`spectral_features`), fitted where an encoder would be trained.
 
 All are functions of the singular values, so they are invariant to every factorization; they ignore
 the singular *vectors*, i.e. what the update does, and keep only how big and how spread it is.
