@@ -44,3 +44,12 @@ def test_every_stage_imports_only_earlier_stages():
 def test_public_api():
     for name in ("load_adapter", "canonicalize", "canonicalize_adapter", "load_pretrained", "Collection", "TokenCache"):
         assert name in w2t.__all__ and callable(getattr(w2t, name)), name
+
+
+def test_results_page_is_generated_from_the_committed_comparisons():
+    import runpy
+
+    root = PACKAGE.parent
+    render = runpy.run_path(str(root / "scripts" / "results_doc.py"))["render"]
+    assert (root / "docs" / "results.md").read_text() == render(root / "results" / "compare"), \
+        "docs/results.md is stale: run python scripts/results_doc.py"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
 import subprocess
@@ -22,7 +23,6 @@ import w2t.train.run
 from adapters_factory import llama_adapter
 from w2t.search.cli import embed_main, search_main
 from w2t.data.collection import read_metadata
-from w2t.zoo import ensure_collection
 from w2t.data.datamodule import AdapterDataModule, DataInfo
 from w2t.models import load_pretrained
 from w2t.errors import SchemaError, W2TError
@@ -45,8 +45,8 @@ def make_cfg(overrides: list[str], out_dir: Path) -> DictConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return ensure_collection("digits_tiny", tmp_path_factory.mktemp("collections"))
+def tiny(tiny_collection) -> Path:
+    return tiny_collection
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +206,29 @@ def test_search_equals_brute_force(backend, tmp_path):
     assert hits == [[ids[j] for j in row] for row in top.indices.tolist()]
     assert torch.allclose(scores.double(), top.values, atol=1e-5)
     assert index.search(queries[0], k=5000)[0].shape == (1, 3000), "k is capped at the library size"
+
+
+def test_the_readme_python_snippet_runs_as_written(run_dir, tiny, tmp_path):
+    """The README's snippet, verbatim, where the main command left `data/digits` and a run's `encoder/`."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits").symlink_to(tiny)
+    shutil.copytree(run_dir / "encoder", tmp_path / "logs" / "retrieval" / "runs" / "2026-01-01_00-00-00_000000" / "encoder")
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "W2T_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1] == f"{len(read_metadata(tiny))} adapters cached, 0 skipped"
+    assert lines[2] == f"torch.Size([8, {load_pretrained(run_dir / 'encoder').dim}])"
+
+
+def test_export_of_a_checkpoint_keeps_the_representation_it_was_trained_on(run_overrides, tmp_path):
+    """A raw-factor encoder exported from its checkpoint must embed raw factors, as it was trained."""
+    export = runpy.run_path(str(ROOT / "scripts" / "export_encoder.py"))["main"]
+    out = tmp_path / "run"
+    w2t.train.run.train(make_cfg([*run_overrides, "model=w2t_raw", "trainer.max_epochs=1"], out))
+    export(["--ckpt", str(out / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "exported")])
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())["canonicalization"]
+    assert saved["representation"] == "raw"
+    assert load_pretrained(tmp_path / "exported").canon.representation == "raw"
