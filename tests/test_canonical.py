@@ -1,4 +1,4 @@
-"""Canonical form: reconstruction, GL(r) invariance, masking and sign-rule stability (DESIGN §2)."""
+"""Canonical form: reconstruction, GL(r) invariance, masking and sign-rule stability (docs/design.md §2)."""
 from __future__ import annotations
 
 import math

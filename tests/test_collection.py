@@ -1,4 +1,4 @@
-"""The collection reader (DESIGN §4) and the default collection built from real LoRA training."""
+"""The collection reader (docs/design.md §4) and the default collection built from real LoRA training."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Invariance on real PEFT adapters: files → canonical tokens → encoder outputs (DESIGN §2, §3)."""
+"""Invariance on real PEFT adapters: files → canonical tokens → encoder outputs (docs/design.md §2, §3)."""
 from __future__ import annotations
 
 import copy
@@ -127,7 +127,7 @@ def test_zero_adapter_is_fully_masked_and_encodes(tmp_path):
 
 
 def _with_tied_sigmas(tokens):
-    """The same tokens with σ₁ = σ₂ in every module, so that (u₁, u₂) may rotate freely (DESIGN §2)."""
+    """The same tokens with σ₁ = σ₂ in every module, so that (u₁, u₂) may rotate freely (docs/design.md §2)."""
     out = {g: {k: v.clone() for k, v in t.items()} for g, t in tokens.items()}
     for t in out.values():
         t["s"][:, 1] = t["s"][:, 0]

@@ -14,7 +14,7 @@ from w2t.tasks.retrieval import Retrieval, neighbourhood_loss, retrieval_metrics
 
 
 def brute_force(q, qg, g, gg, q_in_g, k=10):
-    """Plain-Python DESIGN §5: rank the gallery by cosine, skip the query itself."""
+    """Plain-Python docs/design.md §5: rank the gallery by cosine, skip the query itself."""
     mrr = hit1 = hitk = ndcg = ap = 0.0
     n = 0
     for i in range(len(q)):
@@ -92,7 +92,7 @@ def tiny_split(tiny_collection, tmp_path_factory):
 
 
 def _brute_force_protocol(emb, batch):
-    """DESIGN §5 from the flags alone, by brute force: queries rank the gallery, never themselves."""
+    """docs/design.md §5 from the flags alone, by brute force: queries rank the gallery, never themselves."""
     idx = batch["index"].tolist()
     q = (batch["in_split"] & batch["is_query"]).tolist()
     g = batch["in_gallery"].tolist()

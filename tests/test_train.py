@@ -1,4 +1,4 @@
-"""Hydra configs and the training pipeline, in-process on the tiny collection (STYLE.md)."""
+"""Hydra configs and the training pipeline, in-process on the tiny collection (docs/style.md)."""
 from __future__ import annotations
 
 import json

@@ -49,4 +49,4 @@ class SchemaError(W2TError):
 
 
 class CollectionError(W2TError):
-    """A collection's metadata or layout breaks the format of DESIGN §4."""
+    """A collection's metadata or layout breaks the format of docs/design.md §4."""

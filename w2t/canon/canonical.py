@@ -1,4 +1,4 @@
-"""Canonical form of a LoRA update (DESIGN §2): the thin SVD of ΔW = s·B·A without forming ΔW.
+"""Canonical form of a LoRA update (docs/design.md §2): the thin SVD of ΔW = s·B·A without forming ΔW.
 
 QR of B and Aᵀ reduces the problem to the SVD of an r×r core, so the cost is O((m+n)·r²).
 The thin QRs come from Gram matrices and Cholesky (CholeskyQR, a second pass, CholeskyQR2, when a

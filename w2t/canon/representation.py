@@ -1,4 +1,4 @@
-"""What a model reads of each module: canonical components (DESIGN §2) or, as an ablation, raw factors.
+"""What a model reads of each module: canonical components (docs/design.md §2) or, as an ablation, raw factors.
 
 Both give the same token layout (uᵢ, σᵢ, vᵢ per rank component), so every model and the cache
 take either. Only the canonical one is the same for every factorization (B·G, G⁻¹·A); the raw one

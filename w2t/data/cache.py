@@ -1,4 +1,4 @@
-"""On-disk token cache: every adapter is read and canonicalized once (DESIGN §6).
+"""On-disk token cache: every adapter is read and canonicalized once (docs/design.md §6).
 
 One safetensors file per adapter under `root/<tag>/`: the entry is named by a hash of the adapter's
 files, and the tag by the version stamps of everything that shapes a token (the reader, the key-naming
@@ -51,7 +51,7 @@ class CacheOptions:
     rtol: float = DEFAULT_RTOL
     sign_rule: bool = True
     allow_pickle: bool = False
-    representation: str = "canonical"  # or "raw" (w2t/representation.py): the ablation models' input
+    representation: str = "canonical"  # or "raw" (w2t/canon/representation.py): the ablation models' input
     device: str | None = None  # where to canonicalize ("cuda"); not in the tag: tokens don't depend on it
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Reading a collection's metadata table (DESIGN §4, a contract: keep it exactly)."""
+"""Reading a collection's metadata table (docs/design.md §4, a contract: keep it exactly)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

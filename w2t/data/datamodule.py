@@ -1,4 +1,4 @@
-"""Lightning DataModule over a collection (DESIGN §4) and its token cache.
+"""Lightning DataModule over a collection (docs/design.md §4) and its token cache.
 
 `setup` reads the metadata, canonicalizes what the cache lacks, splits (manifest into the run
 directory), fixes the token schema and encodes the label columns. Batches are grouped by module
@@ -217,7 +217,7 @@ class AdapterDataModule(L.LightningDataModule):
         return self.table[self.hp.role_column].astype(str).str.lower().to_numpy()
 
     def dataset(self, split: str) -> TokenDataset:
-        """Training: the split. Evaluation with a gallery: the split plus every gallery adapter (DESIGN §5)."""
+        """Training: the split. Evaluation with a gallery: the split plus every gallery adapter (docs/design.md §5)."""
         rows = self.split_rows[split]
         n = len(self.table)
         in_split = np.zeros(n, bool)

@@ -1,4 +1,4 @@
-"""The in-memory form of one LoRA adapter, whatever file format it came from (DESIGN §1)."""
+"""The in-memory form of one LoRA adapter, whatever file format it came from (docs/design.md §1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""Read every common LoRA file format into an `Adapter` (DESIGN §1).
+"""Read every common LoRA file format into an `Adapter` (docs/design.md §1).
 
 Sources: a PEFT folder (`adapter_model.safetensors` + `adapter_config.json`), a diffusers folder
 (`pytorch_lora_weights.safetensors`), or a single kohya / diffusers `.safetensors` file. Pickle files

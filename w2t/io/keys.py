@@ -1,4 +1,4 @@
-"""Module identity from tensor key names (DESIGN §1).
+"""Module identity from tensor key names (docs/design.md §1).
 
 A tensor key is `<wrapper prefix><module name><factor suffix>`:
 

@@ -4,7 +4,7 @@ Helpers: `orthonormal` (every fixed or initial projection), `bilinear_readout` (
 a projection of ΔW computed from rank components, never forming ΔW) and `gram_norm` (‖ΔW‖_F of any
 factorization, from r×r Gram matrices).
 
-Feature maps (the simple reads of DESIGN §5, printed beside every result):
+Feature maps (the simple reads of docs/design.md §5, printed beside every result):
 * raw: the flattened factors (A, B) as they sit in the files: not invariant to any symmetry;
 * sketch: a fixed Gaussian projection Rᵤᵀ ΔW Rᵥ of each module's update (k×k); invariant;
 * dw: each module's ΔW/‖ΔW‖ seen through fixed orthonormal Qᵤ, Qᵥ (exact when k ≥ m, n), plus

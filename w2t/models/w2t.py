@@ -1,4 +1,4 @@
-"""The W2T encoder (DESIGN §3): canonical rank tokens → module tokens → one adapter embedding.
+"""The W2T encoder (docs/design.md §3): canonical rank tokens → module tokens → one adapter embedding.
 
 Built to learn from a few hundred adapters. There, a linear read-out of the normalized update
 ΔŴ = ΔW/‖ΔW‖ is what works: on digits, logistic regression on ΔŴ reaches 0.75 accuracy where an
@@ -9,7 +9,7 @@ the rest is residual:
 * rank level: each rank token (uᵢ, σᵢ, vᵢ) gives the outer product (Pᵤᵀuᵢ)(Pᵥᵀvᵢ)ᵀ; pooling
   with weights σᵢ/‖σ‖ gives Pᵤᵀ ΔŴ Pᵥ (k×k), a learned bilinear read-out of ΔŴ. It depends on ΔW
   only, so it is unchanged by sign flips, rank order and rotations among repeated σ (the
-  leftovers of DESIGN §2), and Pᵤ, Pᵥ start orthonormal, so at k ≥ max(m, n) it keeps all of ΔŴ.
+  leftovers of docs/design.md §2), and Pᵤ, Pᵥ start orthonormal, so at k ≥ max(m, n) it keeps all of ΔŴ.
   σ also enters as log-scaled features: the update's size ‖ΔW‖ and its spectrum σᵢ/‖σ‖;
 * module level: one linear map per module *type* (shared by every layer), then a small binding
   matrix per position, so a mean over modules keeps which module said what;

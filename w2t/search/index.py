@@ -1,4 +1,4 @@
-"""Search a library of adapter embeddings by cosine similarity (DESIGN §6: embeddings → retrieval index).
+"""Search a library of adapter embeddings by cosine similarity (docs/design.md §6: embeddings → retrieval index).
 
 Exact search in torch by default: rows are normalized once, and the library is scanned in chunks
 with a running top-k, so 10⁶ rows need no (Q × N) score matrix. `backend="faiss"` uses FAISS's exact

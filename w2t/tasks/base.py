@@ -34,8 +34,8 @@ class Task(nn.Module):
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # the report's metric columns
     primary: ClassVar[str]  # the main metric: what comparisons rank by
-    baselines: ClassVar[tuple[str, ...]]  # the simple reads of DESIGN §5 it scores beside every model
-    uses_gallery: ClassVar[bool] = False  # evaluation also embeds the gallery (DESIGN §5)
+    baselines: ClassVar[tuple[str, ...]]  # the simple reads of docs/design.md §5 it scores beside every model
+    uses_gallery: ClassVar[bool] = False  # evaluation also embeds the gallery (docs/design.md §5)
     mode: ClassVar[str] = "max"
     monitor: str  # the validation metric checkpointing and early stopping follow
     head: nn.Module

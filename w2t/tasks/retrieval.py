@@ -1,4 +1,4 @@
-"""Adapter retrieval (DESIGN §5): queries rank the gallery by cosine of their embeddings; relevant = same group.
+"""Adapter retrieval (docs/design.md §5): queries rank the gallery by cosine of their embeddings; relevant = same group.
 
 A query never retrieves itself. Metrics are computed over the whole split at once (never averaged
 per batch); queries with no relevant gallery item are left out and counted.

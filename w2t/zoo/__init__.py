@@ -1,4 +1,4 @@
-"""Example collections, built from real training: a recipe in, a collection folder (DESIGN §4) out.
+"""Example collections, built from real training: a recipe in, a collection folder (docs/design.md §4) out.
 
 Apart from the library: nothing in w2t needs them, except that the default `data=` configs build one on first use.
 """
