@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from collections import Counter
@@ -252,3 +253,16 @@ def test_building_for_a_run_leaves_the_global_rng_alone(tmp_path):
     dm.prepare_data()
     assert (tmp_path / "digits_tiny" / "metadata.csv").exists() and dm._prepared[3].entries
     assert draws() == expected
+
+
+def test_the_tiny_collection_builds_to_the_committed_bytes(tiny_collection):
+    """One thread and deterministic kernels in the builder: the same bytes as the build these hashes were
+    taken from (torch 2.13.0, x86_64). A failure means the default collections, and with them every
+    figure measured on them, differ on this machine."""
+    from w2t.zoo.builder import manifest_hash
+
+    ref = json.loads((Path(__file__).parent / "data" / "digits_tiny_hashes.json").read_text())
+    got = {f: hashlib.sha256((tiny_collection / f).read_bytes()).hexdigest() for f in ref["files"]}
+    assert got == ref["files"]
+    assert manifest_hash(tiny_collection) == ref["manifest"]
+    assert json.loads((tiny_collection / "recipe.json").read_text())["manifest"] == ref["manifest"]

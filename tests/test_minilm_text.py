@@ -16,7 +16,7 @@ from w2t import load_adapter
 from w2t.data.collection import read_metadata
 from w2t.zoo import ensure_collection
 from w2t.zoo import minilm_text as mt
-from w2t.zoo.builder import single_thread
+from w2t.zoo.builder import deterministic
 from w2t.errors import CollectionError
 
 TINY = mt.make_recipe("minilm_text_tiny")
@@ -40,7 +40,7 @@ needs_inputs = pytest.mark.skipif(_missing_inputs() is not None, reason=str(_mis
 @pytest.fixture(scope="module")
 def base():
     """The pretrained model, its tokenizer and the tiny recipe's encoded quotations."""
-    with single_thread():
+    with deterministic():
         model, tokenizer = mt.load_model()
         return model, tokenizer, mt.prepare_data(TINY, model, tokenizer)
 
@@ -53,7 +53,7 @@ def built(tmp_path_factory, base) -> Path:
     (partial / "adapters").mkdir(parents=True)
     (partial / "results").mkdir()
     model, _, data = base
-    with single_thread():
+    with deterministic():
         mt._init_worker(model, data, TINY)
         try:
             first = mt.plan(TINY)[0]
@@ -95,7 +95,7 @@ def test_cached_lower_layers_give_the_full_model_and_the_recorded_accuracy(built
 
     model, _, data = base
     row = read_metadata(built).iloc[-1]
-    with single_thread():
+    with deterministic():
         peft_model = PeftModel.from_pretrained(copy.deepcopy(model), row["abs_path"]).eval()
         c = TINY.categories.index(row["category"])
         idx = data.eval_sets[c]

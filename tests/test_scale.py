@@ -93,8 +93,11 @@ def _multirun(args: list[str], tiny_collection, tmp_path) -> subprocess.Complete
 @pytest.mark.slow
 def test_optuna_sweep_reports_its_best_trial_and_resumes(tiny_collection, tmp_path):
     args = ["hparams_search=optuna", "experiment=performance", "test=false", "hydra.sweeper.n_trials=3"]
-    _multirun(args, tiny_collection, tmp_path)
+    out = _multirun(args, tiny_collection, tmp_path).stdout
     (sweep,) = (tmp_path / "logs" / "performance" / "multiruns").iterdir()
+    finished = [line for line in out.splitlines() if line.startswith("job ")]  # one line per job, its trial's values
+    assert len(finished) == 3 and all("model.lr=" in line and f"[{sweep}/" in line for line in finished), out[-3000:]
+    assert "multirun summary" in out and "val/spearman" in out
     assert sorted(p.parts[-3] for p in sweep.glob("*/checkpoints/best.ckpt")) == ["0", "1", "2"]
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     assert math.isfinite(results.best_value)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -189,6 +190,11 @@ def test_readme_main_command_subprocess(tiny_collection, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "baseline: sketch" in proc.stdout and "mrr" in proc.stdout
+    out = proc.stdout + proc.stderr  # a quiet console: each event once, one results table, no third-party noise
+    events = [line.split("] - ", 1)[1] for line in out.splitlines() if "] - " in line]
+    assert events and len(events) == len(set(events)), events
+    assert not [line for line in out.splitlines() if line.startswith("INFO:")], "Lightning's own handler printed too"
+    assert "Test metric" not in out and "Tip:" not in out and "Warning" not in out, out[-3000:]
     runs = list((tmp_path / "logs" / "retrieval" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
 
@@ -207,20 +213,20 @@ def test_multilabel_classification_end_to_end(tiny_collection, tmp_path):
     assert model.task.multilabel and model.task.n == 4 and model.monitor == ("val/auroc", "max")
     assert (out / "per_label_auroc.png").exists()
     evaluated = tmp_path / "eval"
-    cfg = make_cfg(["experiment=classification", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
-                    "data.label_column=null", f"data.label_columns=[{labels}]", "data.split=random",
-                    f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
+    cfg = make_cfg([f"paths.data_dir={tmp_path / 'data'}", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"],
+                   evaluated, config_name="eval")
     assert evaluate(cfg)["test/auroc"] == pytest.approx(metrics["test/auroc"])
 
 
 @pytest.mark.parametrize("experiment,key", [("retrieval", "test/mrr"), ("performance", "test/spearman")])
-def test_eval_scores_a_checkpoint_as_training_tested_it(experiment, key, tiny_collection, tmp_path):
+def test_eval_scores_a_checkpoint_as_training_tested_it_without_being_told_the_experiment(experiment, key,
+                                                                                         tiny_collection, tmp_path):
     out = tmp_path / "run"
     train(make_cfg([f"experiment={experiment}", *fast(tiny_collection, tmp_path)], out))
     trained = json.loads((out / "metrics.json").read_text())
     evaluated = tmp_path / "eval"
-    cfg = make_cfg([f"experiment={experiment}", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
-                    f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"], evaluated, config_name="eval")
+    cfg = make_cfg([f"paths.data_dir={tmp_path / 'data'}", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"],
+                   evaluated, config_name="eval")  # the task, head, columns and collection come from the checkpoint
     metrics = evaluate(cfg)
     assert json.loads((evaluated / "metrics.json").read_text()) == metrics
     for k in CONTRACT_KEYS[experiment]:
@@ -262,3 +268,112 @@ def test_a_pickle_collection_trains_and_scores_its_raw_baseline_when_allowed(tin
                     *fast(root, tmp_path, "trainer.max_epochs=1")], out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["test/baseline_raw/mrr"]) and math.isfinite(metrics["test/mrr"])
+
+
+TIMING = {"data_seconds", "fit_seconds", "train_adapters_per_s"}
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_tests_the_same_checkpoint_as_an_uninterrupted_one(tiny_collection, tmp_path):
+    """A real SIGKILL during epoch 1; `ckpt_path=<run>/checkpoints/last.ckpt` continues in the same run directory
+    with its checkpoints' best score, early stopping and random streams, and ends exactly as the uninterrupted run."""
+    common = ["experiment=retrieval", f"data.root={tiny_collection}", f"paths.data_dir={tmp_path / 'data'}",
+              "trainer.max_epochs=8", "callbacks.progress_bar=null",
+              "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path / 'logs'}"]
+    env = {**os.environ, "W2T_PROGRESS": "0", "PYTHONPATH": str(ROOT / "tests")}
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "train.py", *common, *extra], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(f"hydra.run.dir={whole}").returncode == 0
+    proc = run(f"hydra.run.dir={killed}", "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1")
+    assert proc.returncode == -9 and not (killed / "metrics.json").exists()
+    proc = run(f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}")  # no run directory given: the checkpoint's
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "logs").exists(), "the resumed run wrote somewhere else"
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, killed))
+    assert {k: v for k, v in b.items() if k not in TIMING} == {k: v for k, v in a.items() if k not in TIMING}
+    best = [torch.load(d / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] for d in (whole, killed)]
+    assert best[0] == best[1] and best[0] > 1, "the best checkpoint is one trained after the resume"
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    logged = pd.read_csv(killed / "csv" / "metrics.csv").dropna(subset=["val/mrr"])
+    assert logged["epoch"].astype(int).tolist() == list(range(int(a["epochs"]))), "every epoch logged once, in place"
+    trained_here = b["train_adapters_per_s"] * b["fit_seconds"] / b["train_adapters"]
+    assert trained_here == pytest.approx(a["epochs"] - 1), "throughput counts only the epochs after the resume"
+
+
+def _train_cli(*args, cwd=ROOT, tmp_path):
+    env = {**os.environ, "W2T_PROGRESS": "0"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "train.py", f"paths.log_dir={tmp_path / 'logs'}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no metadata", "unknown column", "strict", "pickle"])
+def test_a_bad_input_is_one_line_exit_code_2_and_recorded_in_the_run(case, tiny_collection, tmp_path):
+    from safetensors.torch import load_file
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_collection, broken)
+    (broken / "adapters" / "a0000" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_collection, pickled)
+    weights = pickled / "adapters" / "a0000" / "adapter_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    args, expected = {
+        "no metadata": ([f"data.root={empty}"], "no metadata file"),
+        "unknown column": ([f"data.root={tiny_collection}", "data.label_column=colour"], "column 'colour' is not in"),
+        "strict": ([f"data.root={broken}", "data.strict=true"], "not a readable safetensors file"),
+        "pickle": ([f"data.root={pickled}", "data.strict=true"], "add data.allow_pickle=true"),
+    }[case]
+    proc = _train_cli("experiment=classification", f"paths.data_dir={tmp_path / 'data'}", *args, tmp_path=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and expected in errors[0], out[-3000:]
+    (log,) = (tmp_path / "logs" / "classification" / "runs").glob("*/train.log")
+    assert expected in log.read_text()
+
+
+def test_baselines_are_logged_beside_the_model_and_checkpoints_can_be_left_out(tiny_collection, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(["experiment=classification", "save_checkpoints=false",
+                    *fast(tiny_collection, tmp_path, "trainer.max_epochs=1")], out))
+    assert not (out / "checkpoints").exists() and (out / "encoder" / "model.safetensors").exists()
+    logged = pd.read_csv(out / "csv" / "metrics.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test/baseline_dw/acc", "val/baseline_sketch/acc"):
+        assert logged[key].dropna().tolist() == [pytest.approx(metrics[key])], key
+
+
+def test_each_task_plot_names_its_metric_and_reads_at_a_glance(tiny_collection, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from w2t.tasks import TASKS
+
+    dm = AdapterDataModule(root=str(tiny_collection), label_column="transform", target_column="accuracy",
+                           group_column="task", role_column="role", eval_gallery=True, cache_dir=str(tmp_path))
+    dm.setup()
+    split = dm.whole_split("test")
+    n = len(split["index"])
+    metrics = {"test/acc": 0.5, "test/spearman": 0.25, "test/r2": -0.125, "test/mrr": 0.75}
+    for name, out in (("classification", torch.randn(n, len(dm.info.classes))), ("performance", torch.randn(n)),
+                      ("retrieval", torch.randn(n, 8))):
+        fig = plt.figure()
+        TASKS[name](8, dm.info).plot(fig, out, split, dm.info, metrics)
+        titles = " ".join([ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""])
+        assert {"classification": "accuracy 0.500", "performance": "Spearman 0.250, R² -0.125",
+                "retrieval": "MRR 0.750"}[name] in titles, titles
+        if name == "classification":  # rows normalized: every true class's row sums to 1
+            rows = fig.axes[0].images[0].get_array()
+            assert np.allclose(rows.sum(1)[rows.sum(1) > 0], 1.0)
+        if name == "retrieval":
+            assert [ax.get_title() for ax in fig.axes] == ["PCA", "t-SNE"] and fig.axes[1].get_legend() is not None
+        plt.close(fig)

@@ -1,6 +1,7 @@
 """Reading a collection's metadata table (docs/design.md §4, a contract: keep it exactly)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +71,11 @@ class Collection:
 
     def __len__(self) -> int:
         return len(self.table)
+
+
+def recorded_manifest(root: str | Path) -> str | None:
+    """The manifest hash a builder recorded in `root/recipe.json` (w2t/zoo), naming the collection's bytes."""
+    try:
+        return json.loads((Path(root) / "recipe.json").read_text()).get("manifest")
+    except (OSError, ValueError, AttributeError):
+        return None

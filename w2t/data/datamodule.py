@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
 from w2t.data.cache import CacheOptions, TokenCache, load_entry
-from w2t.data.collection import read_metadata
+from w2t.data.collection import read_metadata, recorded_manifest
 from w2t.zoo import ensure_collection
 from w2t.errors import CollectionError
 from w2t.data.splits import make_splits, write_manifest
@@ -38,6 +38,7 @@ class DataInfo:
     target_mean: float = 0.0
     target_std: float = 1.0
     num_groups: int = 0
+    group_names: list[str] = field(default_factory=list)  # group_column values, by group index
 
 
 class TokenDataset(Dataset):
@@ -147,9 +148,12 @@ class AdapterDataModule(L.LightningDataModule):
         self.splits = make_splits(table, method=hp.split, val_frac=hp.val_frac, test_frac=hp.test_frac, seed=hp.seed,
                                   stratify_column=hp.label_column, group_column=hp.group_column,
                                   split_column=hp.split_column)
+        self.collection_manifest = recorded_manifest(root)
+        log.info("collection %s: %d adapters%s", root, len(table),
+                 f", manifest {self.collection_manifest}" if self.collection_manifest else "")
         if hp.output_dir:
             write_manifest(self.splits, Path(hp.output_dir) / "splits.json", method=hp.split, seed=hp.seed,
-                           root=str(root), group_column=hp.group_column)
+                           root=str(root), group_column=hp.group_column, collection_manifest=self.collection_manifest)
             if report.failed:
                 (Path(hp.output_dir) / "bad_adapters.json").write_text(json.dumps(report.failed, indent=1))
         pos = {a: i for i, a in enumerate(table["adapter_id"].astype(str))}
@@ -169,7 +173,7 @@ class AdapterDataModule(L.LightningDataModule):
         hp = self.hp
         for col in [hp.label_column, hp.target_column, hp.group_column, hp.role_column, *(hp.label_columns or [])]:
             if col and col not in self.table:
-                raise CollectionError(f"column '{col}' is not in the metadata (columns: {list(self.table.columns)})",
+                raise CollectionError(f"column '{col}' is not in the metadata (columns: {[c for c in self.table.columns if c != 'abs_path']})",
                                       path=self._root())
 
     def _encode_targets(self) -> tuple[dict[str, np.ndarray], DataInfo]:
@@ -197,7 +201,7 @@ class AdapterDataModule(L.LightningDataModule):
             targets["target"] = y.astype(np.float32)
         if hp.group_column:
             groups = sorted(t[hp.group_column].astype(str).unique().tolist())
-            info.num_groups = len(groups)
+            info.num_groups, info.group_names = len(groups), groups
             targets["group"] = t[hp.group_column].astype(str).map({g: i for i, g in enumerate(groups)}).to_numpy(np.int64)
         return targets, info
 

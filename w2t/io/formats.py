@@ -171,8 +171,9 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         return _read_safetensors(path)
     if not allow_pickle:
         raise PickleRefusedError(
-            "pickle files can run code when loaded; pass allow_pickle=True to read it with "
-            "torch.load(weights_only=True), or convert it to .safetensors",
+            "pickle files can run code when loaded; to read it with torch.load(weights_only=True) add "
+            "data.allow_pickle=true (train.py, eval.py), --allow-pickle (w2t-embed, w2t-search) or "
+            "allow_pickle=True (Python), or convert it to .safetensors",
             path,
         )
     return _read_pickle(path)

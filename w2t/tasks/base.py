@@ -58,8 +58,8 @@ class Task(nn.Module):
         """`{stage}/baseline_{name}/{metric}` of every simple read in `baselines`, fitted on the training split once."""
         raise NotImplementedError
 
-    def plot(self, ax, out: torch.Tensor, split: dict, info) -> str:
-        """Draw the test split's picture on `ax`; returns the file stem."""
+    def plot(self, fig, out: torch.Tensor, split: dict, info, metrics: dict[str, float]) -> str:
+        """Draw the test split's picture, with its test metric in the title, on `fig`; returns the file stem."""
         raise NotImplementedError
 
 

@@ -66,23 +66,28 @@ class Classification(PredictionTask):
         proba[:, est.classes_.astype(int)] = np.clip(est.predict_proba(X), 1e-7, None)
         return torch.as_tensor(np.log(proba), dtype=torch.float32)
 
-    def plot(self, ax, out, split, info):
+    def plot(self, fig, out, split, info, metrics):
+        ax = fig.add_subplot()
         keep = split["in_split"]
         if self.multilabel:
             per = multilabel_auroc(torch.sigmoid(out[keep]), split["labels"][keep].long(), num_labels=self.n, average="none")
             ax.bar(range(self.n), per.numpy())
             ax.set_xticks(range(self.n))
             ax.set_xticklabels(info.label_columns, rotation=45, ha="right")
-            ax.set(ylim=(0, 1), ylabel="AUROC", title="per-label AUROC (test)")
+            ax.set(ylim=(0, 1), ylabel="AUROC", title=f"per-label AUROC (test; macro {metrics['test/auroc']:.3f})")
             return "per_label_auroc"
         y, p = split["label"][keep].numpy(), out[keep].argmax(-1).numpy()
-        cm = np.zeros((self.n, self.n), int)
-        np.add.at(cm, (y, p), 1)
-        ax.imshow(cm, cmap="Blues")
-        ax.set(xticks=range(self.n), yticks=range(self.n), xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+        counts = np.zeros((self.n, self.n), int)
+        np.add.at(counts, (y, p), 1)
+        rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # each true class sums to 1
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        ax.set(xticks=range(self.n), yticks=range(self.n), xlabel="predicted", ylabel="true",
+               title=f"confusion matrix, rows normalized (test; accuracy {metrics['test/acc']:.3f})")
         ax.set_xticklabels(info.classes, rotation=45, ha="right")
         ax.set_yticklabels(info.classes)
         for i in range(self.n):
             for j in range(self.n):
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7)
+                if counts[i, j]:
+                    ax.text(j, i, f"{rows[i, j]:.2f}\n({counts[i, j]})", ha="center", va="center", fontsize=6,
+                            color="white" if rows[i, j] > 0.5 else "black")
         return "confusion_matrix"

@@ -46,11 +46,13 @@ class Performance(PredictionTask):
     def estimator_outputs(self, est, X):
         return torch.as_tensor(est.predict(X), dtype=torch.float32)
 
-    def plot(self, ax, out, split, info):
+    def plot(self, fig, out, split, info, metrics):
+        ax = fig.add_subplot()
         keep = split["in_split"]
         y, p = split["target"][keep].numpy(), out[keep].numpy()
         ax.scatter(y, p, s=12, alpha=0.7)
         lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax.set(xlabel="true", ylabel="predicted", title="performance prediction (test)")
+        ax.set(xlabel="true", ylabel="predicted",
+               title=f"performance (test): Spearman {metrics['test/spearman']:.3f}, R² {metrics['test/r2']:.3f}")
         return "pred_vs_true"

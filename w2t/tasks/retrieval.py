@@ -95,13 +95,34 @@ class Retrieval(Task):
                 out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(x, split).items()}
         return out
 
-    def plot(self, ax, out, split, info):
-        z = out[split["in_split"]].double()
+    LEGEND_GROUPS = 10  # the largest groups get a colour and a legend entry; the rest are grey
+
+    def plot(self, fig, out, split, info, metrics):
+        """PCA and t-SNE of the evaluated embeddings (queries ×, gallery ●), coloured by group."""
+        from sklearn.manifold import TSNE
+
+        z = F.normalize(out.double(), dim=-1)
         z = z - z.mean(0)
-        _, _, V = torch.linalg.svd(z, full_matrices=False)
-        xy = (z @ V[:2].T).numpy()
-        ax.scatter(xy[:, 0], xy[:, 1], c=split["group"][split["in_split"]].numpy(), cmap="tab20", s=14)
-        ax.set(xlabel="PC 1", ylabel="PC 2", title="test embeddings, colored by group")
+        pca = (z @ torch.linalg.svd(z, full_matrices=False)[2][:2].T).numpy()
+        tsne = TSNE(2, perplexity=min(30.0, (len(z) - 1) / 3), init="pca", random_state=0).fit_transform(z.numpy())
+        groups = split["group"].numpy()
+        query = (split["in_split"] & split["is_query"]).numpy()
+        ids, counts = np.unique(groups, return_counts=True)
+        largest = ids[np.argsort(-counts, kind="stable")[: self.LEGEND_GROUPS]]
+        names = info.group_names or [str(g) for g in ids]
+        for k, (xy, how) in enumerate(((pca, "PCA"), (tsne, "t-SNE"))):
+            ax = fig.add_subplot(1, 2, k + 1)
+            other = ~np.isin(groups, largest)
+            for marks, marker in ((~query, "o"), (query, "x")):
+                ax.scatter(*xy[marks & other].T, c="0.8", s=10, marker=marker)
+                for c, g in enumerate(largest):
+                    sel = marks & (groups == g)
+                    ax.scatter(*xy[sel].T, color=f"C{c}", s=14, marker=marker,
+                               label=names[g] if marker == "o" else None)
+            ax.set(title=how, xticks=[], yticks=[])
+        ax.legend(fontsize=6, loc="best", title=f"largest {len(largest)} groups", title_fontsize=6)
+        fig.suptitle(f"test embeddings (× query, ● gallery): MRR {metrics['test/mrr']:.3f}")
+        fig.set_size_inches(10, 5.5)
         return "embeddings_2d"
 
 

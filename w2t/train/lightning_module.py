@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import asdict
 
 import lightning as L
@@ -49,6 +50,7 @@ class AdapterModel(L.LightningModule):
             self.encoder.requires_grad_(False)
         self.task = TASKS[task](self.encoder.dim, DataInfo(**info), **(head or {}))
         self._eval: list[dict] = []
+        self.first_epoch = 0  # the epoch this process started training at (> 0 when resumed)
 
     def _build_encoder(self, schema: TokenSchema, arch: str, encoder: dict, pretrained: str | None) -> nn.Module:
         """A new encoder (`w2t.models.ENCODERS[arch]`), or the exported one in `pretrained` (its
@@ -114,8 +116,29 @@ class AdapterModel(L.LightningModule):
             first = np.unique(cat["index"].cpu().numpy(), return_index=True)[1]
             keep = torch.as_tensor(first, device=cat["index"].device)
             cat = {k: v[keep] for k, v in cat.items()}
-        metrics = self.task.evaluate(cat["out"], cat)
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, prog_bar=stage == "val", sync_dist=False)
+        metrics = {f"{stage}/{k}": float(v) for k, v in self.task.evaluate(cat["out"], cat).items()}
+        monitored = {k: v for k, v in metrics.items() if k == self.task.monitor}  # the progress bar shows only it
+        self.log_dict({k: v for k, v in metrics.items() if k not in monitored}, sync_dist=False)
+        self.log_dict(monitored, prog_bar=True, sync_dist=False)
+
+    def on_train_start(self):
+        self.first_epoch = self.current_epoch
+
+    # resuming continues the random streams where the checkpoint left them (shuffles, dropout), so a
+    # killed and resumed run trains exactly like an uninterrupted one
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" not in checkpoint:
+            return
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)

@@ -14,13 +14,17 @@ from rich.table import Table  # noqa: E402
 from w2t.tasks import TASKS  # noqa: E402
 
 
-def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str = "w2t") -> None:
-    """One row per method: the trained model (`name`), then each baseline found in `metrics`."""
+def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str, about: str) -> None:
+    """One row per method: the trained model (`name`), then each baseline found in `metrics`; then `about`
+    (what was trained on, or which checkpoint and collection were scored) and where the metrics are.
+    A job of a multirun prints nothing: the multirun says one line per job (w2t/train/sweep.py)."""
+    if _in_multirun():
+        return
     keys = TASKS[task].columns
     rows = [(f"{name} (trained)", "test/")]
     rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in TASKS[task].baselines
              if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
-    table = Table(title=f"{task} — test split ({int(metrics.get('train_adapters', 0))} training adapters)")
+    table = Table(title=f"{task} — test split")
     table.add_column("method")
     for k in keys:
         table.add_column(k, justify="right")
@@ -28,16 +32,24 @@ def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str
         table.add_row(row_name, *(f"{metrics.get(prefix + k, float('nan')):.4f}" for k in keys))
     console = Console()
     console.print(table)
-    console.print(f"metrics: {out_dir / 'metrics.json'}")
+    console.print(about, highlight=False)
+    console.print(f"metrics: {out_dir / 'metrics.json'}", highlight=False)
 
 
-def save_plots(model, dm, out_dir: Path, loggers=()) -> list[Path]:
-    """The task's picture of the test split (`Task.plot`), also sent to wandb when it logs."""
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def save_plots(model, dm, out_dir: Path, metrics: dict[str, float], loggers=()) -> list[Path]:
+    """The task's picture of the test split (`Task.plot`, its metric in the title), also sent to wandb."""
     test = dm.whole_split("test")
     with torch.no_grad():
         out = model(test["tokens"]).float()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    path = out_dir / f"{model.task.plot(ax, out, test, dm.info)}.png"
+    fig = plt.figure(figsize=(6, 5))
+    path = out_dir / f"{model.task.plot(fig, out, test, dm.info, metrics)}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -15,7 +18,9 @@ from w2t.data.datamodule import AdapterDataModule
 from w2t.models.pretrained import data_options
 from w2t.train.spectral import SpectralModel
 from w2t.tasks import TASKS
+from w2t.train.console import quiet
 from w2t.train.lightning_module import AdapterModel
+from w2t.train.loggers import rewind
 from w2t.train.report import print_results, save_plots
 
 log = logging.getLogger(__name__)
@@ -55,12 +60,18 @@ def setup_run(cfg: DictConfig) -> tuple[AdapterDataModule, AdapterModel | Spectr
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit, test the best checkpoint, write metrics.json + config + plots; return the monitored value."""
+    """Fit, test the best checkpoint, write metrics.json + config + plots; return the monitored value.
+
+    With `ckpt_path=<run>/checkpoints/last.ckpt` the run continues in `<run>` (configs/hydra/default.yaml):
+    its checkpoints, early stopping, logs and random streams carry on where the checkpoint left them."""
+    quiet()
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     task = cfg.task.name
+    if cfg.get("ckpt_path"):
+        rewind(out_dir / "csv" / "metrics.csv", torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["epoch"])
 
     t0 = time.perf_counter()
     dm, model = setup_run(cfg)
@@ -82,22 +93,33 @@ def train(cfg: DictConfig) -> float | None:
     if not cfg.get("test", True):
         return None if value is None else float(value)
 
-    test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True)[0]
+    test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)[0]
     metrics = {k: float(v) for k, v in test_metrics.items()}
     if trainer.is_global_zero:
         # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
         metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
-        metrics |= model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
+        baselines = model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
+        _log_beside(trainer, baselines)
         n_train = len(dm.split_rows["train"])
-        metrics |= {"params": float(n_params), "train_adapters": float(n_train), "epochs": float(trainer.current_epoch),
-                    "data_seconds": t_data, "fit_seconds": t_fit,
-                    "train_adapters_per_s": n_train * trainer.current_epoch / max(t_fit, 1e-9)}
+        trained_here = trainer.current_epoch - model.first_epoch  # a resumed run trained only these
+        metrics |= baselines | {"params": float(n_params), "train_adapters": float(n_train),
+                                "epochs": float(trainer.current_epoch), "data_seconds": t_data, "fit_seconds": t_fit,
+                                "train_adapters_per_s": n_train * trained_here / max(t_fit, 1e-9)}
         _write_metrics(out_dir, metrics)
         model.eval()
-        save_plots(model, dm, out_dir, trainer.loggers)
-        print_results(task, metrics, out_dir, model_name(cfg.model))
+        save_plots(model, dm, out_dir, metrics, trainer.loggers)
+        print_results(task, metrics, out_dir, model_name(cfg.model), f"trained on {n_train} adapters")
+        if not cfg.get("save_checkpoints", True):
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return None if value is None else float(value)
+
+
+def _log_beside(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """The simple reads' scores, in every logger (CSV, wandb, TensorBoard) beside the model's."""
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=trainer.global_step)
+        lg.save()
 
 
 def model_name(model_cfg) -> str:
@@ -125,25 +147,50 @@ def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, 
     metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
                 "data_seconds": t_data, "fit_seconds": t_fit, "train_adapters_per_s": n_train / max(t_fit, 1e-9)}
     _write_metrics(out_dir, metrics)
-    save_plots(model, dm, out_dir)
-    print_results(cfg.task.name, metrics, out_dir, model_name(cfg.model))
+    save_plots(model, dm, out_dir, metrics)
+    print_results(cfg.task.name, metrics, out_dir, model_name(cfg.model), f"trained on {n_train} adapters")
     return scores[model.monitor[0]]
 
 
+# what a checkpoint says about the data it was trained on; eval.py takes these unless given data.<key>=
+TRAINED_DATA = ("root", "collection", "label_column", "label_columns", "target_column", "group_column", "role_column",
+                "split_column", "split", "val_frac", "test_frac", "seed", "sign_rule")
+
+
+def _given_on_the_command_line() -> set[str]:
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:  # no Hydra run (plain Python)
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test a checkpoint on a collection (its schema fixes the token layout); writes metrics.json."""
+    """Test a checkpoint: its task, head and data columns come from it (no experiment= needed), and so
+    does the collection unless data options are given; writes metrics.json into logs/eval/runs/<time>."""
+    quiet()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = AdapterModel.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    trained = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+    given = _given_on_the_command_line()
     task = model.hparams.task
     with open_dict(cfg):
+        if "data" not in given and "data.root" not in given and "data.collection" not in given:
+            cfg.data.root, cfg.data.collection = trained.get("root"), trained.get("collection", cfg.data.collection)
+        for key in TRAINED_DATA[2:]:
+            if key in trained and not {f"data.{key}", "data"} & given and not (key == "seed" and "seed" in given):
+                cfg.data[key] = trained[key]
         cfg.data.schema = model.hparams.info["schema"]
         cfg.data.representation = model.hparams.get("input", "canonical")
         cfg.data.classes = model.hparams.info.get("classes") or None
+        cfg.task.name = task
     dm = build_datamodule(cfg, eval_gallery=TASKS[task].uses_gallery)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False)
-    metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm)[0].items()}
-    metrics |= model.task.baseline_metrics(dm, cfg.seed, ("test",))
+    metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm, verbose=False)[0].items()}
+    metrics |= model.task.baseline_metrics(dm, dm.hp.seed, ("test",))
     _write_metrics(out_dir, metrics)
-    print_results(task, metrics, out_dir, model_name(model.hparams))
+    root = dm.hp.root or Path(dm.hp.data_dir) / dm.hp.collection
+    print_results(task, metrics, out_dir, model_name(model.hparams),
+                  f"checkpoint: {Path(cfg.ckpt_path).resolve()}\ncollection: {Path(root).resolve()}")
     return metrics

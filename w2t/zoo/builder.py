@@ -1,12 +1,13 @@
 """What every collection builder shares: recipes, deterministic training, worker pools, one build at a time.
 
 A builder (digits, minilm_text) is a `Recipe` dataclass and a `build(recipe, dest, workers)` that
-trains its adapters through `pooled_map` under `single_thread`; `ensure_built` runs it under
+trains its adapters through `pooled_map` under `deterministic`; `ensure_built` runs it under
 `build_lock` into a hidden partial folder and renames that into place once `built_hash` says the
 recipe changed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -45,14 +46,23 @@ class RecipeBase:
 
 
 @contextmanager
-def single_thread() -> Iterator[None]:
-    """Train on one thread in this process too: the same bytes whatever the machine's cores."""
-    threads = torch.get_num_threads()
+def deterministic() -> Iterator[None]:
+    """Train on one thread with deterministic kernels, in this process and in every worker: the same
+    bytes whatever the machine's core count, named by the collection's manifest hash."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
+
+
+def _deterministic_worker(init: Callable[..., None], *args: Any) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    init(*args)
 
 
 @contextmanager
@@ -78,8 +88,8 @@ def pooled_map(fn: Callable[..., Any], jobs: Iterable, *args: Any, init: Callabl
     import peft  # noqa: F401  imported once here so that forked workers inherit it (~5 s each)
 
     method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=init,
-                               initargs=init_args)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_deterministic_worker,
+                               initargs=(init, *init_args))
     try:
         yield pool.map(fn, jobs, *constant, chunksize=chunksize)
     finally:
@@ -112,6 +122,20 @@ def sample_training(rng: random.Random, recipe: Any, role: str) -> dict:
                 steps=rng.choice(recipe.steps),
                 n_train=rng.choice(recipe.query_n_train if role == "query" else recipe.gallery_n_train),
                 targets=rng.choices(names, weights)[0], seed=rng.randrange(2**31))
+
+
+MANIFEST_FILES = ("*.safetensors", "metadata.csv")  # the weights and the measured labels: what runs read
+
+
+def manifest_hash(folder: str | Path) -> str:
+    """sha256 over the weight files and the metadata of a built collection (path and bytes of each).
+
+    Configs and model cards are left out: PEFT writes its own version and set-ordered lists into them."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for pattern in MANIFEST_FILES for p in folder.rglob(pattern)):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 def built_hash(folder: Path) -> str | None:
@@ -179,7 +203,9 @@ def ensure_built(recipe: RecipeBase, root: str | Path, build: Callable[[Any, Pat
         partial.mkdir(mode=0o755, exist_ok=True)
         start = time.perf_counter()
         build(recipe, partial, workers or min(available_cores(), 8))
-        (partial / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash}, indent=2))
+        manifest = manifest_hash(partial)
+        (partial / "recipe.json").write_text(json.dumps({**recipe.to_dict(), "hash": recipe.hash, "manifest": manifest},
+                                                        indent=2))
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
             target.rename(old / name)
@@ -187,5 +213,5 @@ def ensure_built(recipe: RecipeBase, root: str | Path, build: Callable[[Any, Pat
             shutil.rmtree(old)
         else:
             partial.rename(target)
-        log.info("built %s in %.1f s", target, time.perf_counter() - start)
+        log.info("built %s in %.1f s: manifest %s", target, time.perf_counter() - start, manifest)
     return target

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.zoo.builder import RecipeBase, plan_jobs, pooled_map, single_thread
+from w2t.zoo.builder import RecipeBase, plan_jobs, deterministic, pooled_map
 from w2t.zoo.digits_model import (TRANSFORMS, DigitsData, DigitsViT, ViTConfig,
                                          apply_transform, heldout_accuracy, save_base,
                                          train_base)
@@ -129,7 +129,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(base_state: dict, vit: ViTConfig, data: DigitsData, seed: int) -> None:
-    torch.set_num_threads(1)  # one core per worker; also makes results independent of threads
     base = DigitsViT(vit)
     base.load_state_dict(base_state)
     _WORKER.update(base=base.eval(), data=data, seed=seed)
@@ -166,7 +165,7 @@ def _train_adapter(job: AdapterJob, root: Path, batch: int) -> float:
 def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
     """Train the base and every adapter into `dest`; metadata.csv and recipe.json come last."""
     dest.mkdir(parents=True, exist_ok=True)
-    with single_thread():
+    with deterministic():
         data = DigitsData.load(recipe.n_test, recipe.seed)
         base = train_base(recipe.vit, data, steps=recipe.base_steps, lr=recipe.base_lr,
                           batch=recipe.base_batch, seed=recipe.seed)

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from w2t.zoo.builder import RecipeBase, plan_jobs, pooled_map, single_thread
+from w2t.zoo.builder import RecipeBase, plan_jobs, deterministic, pooled_map
 from w2t.errors import CollectionError
 from w2t.io.files import atomic_write_text
 from w2t.progress import progress
@@ -292,7 +292,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(model, data: TextData, recipe: Recipe) -> None:
-    torch.set_num_threads(1)  # one core per worker; also makes results independent of threads
     _WORKER.update(model=model, data=data, recipe=recipe, head=head_direction(recipe.seed))
 
 
@@ -372,7 +371,7 @@ def build(recipe: Recipe, dest: Path, workers: int,
     for stale in (dest / "adapters").glob(".*"):  # half-saved by a killed build
         shutil.rmtree(stale)
     jobs = plan(recipe)
-    with single_thread():
+    with deterministic():
         model, tokenizer = load_model()
         data = prepare_data(recipe, model, tokenizer, fortunes)
         # on an error or Ctrl-C, queued jobs are dropped; finished adapters stay on disk
