@@ -103,13 +103,15 @@ def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
     return text
 
 
-def _plot(results: dict, path: Path) -> None:
+def _plot(results: dict, path: Path) -> dict[str, tuple[str, float]]:
+    """Bars of each experiment's main metric (error bars: std over seeds), the best baseline as a line; returns it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    drawn = {}
     for ax, (experiment, by_model) in zip(axes[0], results.items()):
         task = TASKS[experiment]
         k = task.primary
@@ -121,11 +123,18 @@ def _plot(results: dict, path: Path) -> None:
         ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
                capsize=3,
                color=["C0"] * len(by_model) + ["0.6"] * len(found))
+        if found:  # the bar a learned model must clear: the best simple read
+            means = [np.mean(v) for v in vals[len(by_model):]]
+            i = int(np.argmin(means) if k in LOWER_IS_BETTER else np.argmax(means))
+            ax.axhline(means[i], color="k", ls="--", lw=1, label=f"best baseline ({found[i]}): {means[i]:.3f}")
+            drawn[experiment] = (found[i], float(means[i]))
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set(title=experiment, ylabel=f"test {k}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def main() -> None:

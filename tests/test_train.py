@@ -75,11 +75,7 @@ def test_open_set_experiment_splits_by_group_and_keeps_delta_w_neighbourhoods(ti
 def test_every_compare_model_and_ablation_composes_for_the_experiments_it_runs_in(tmp_path):
     """`scripts/compare.py --ablations` passes each ablation's overrides to train.py: a head option
     of one task (retrieval's `neighbourhood_weight`) must not be sent to the others, where Hydra rejects it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = runpy_module("scripts/compare.py")
     names = compare.MODELS + list(compare.ABLATIONS)
     runs = compare.models_per_experiment(list(EXPERIMENTS), names)
     assert "w2t+neighbourhood" in runs["retrieval"] and "w2t+neighbourhood" not in runs["classification"]
@@ -377,3 +373,26 @@ def test_each_task_plot_names_its_metric_and_reads_at_a_glance(tiny_collection, 
         if name == "retrieval":
             assert [ax.get_title() for ax in fig.axes] == ["PCA", "t-SNE"] and fig.axes[1].get_legend() is not None
         plt.close(fig)
+
+
+def test_compare_report_marks_the_best_and_draws_the_best_baseline(tmp_path):
+    import matplotlib.image
+
+    compare = runpy_module("scripts/compare.py")
+    runs = [{"test/acc": a, "test/macro_f1": a, "test/auroc": a, "test/baseline_sketch/acc": 0.3,
+             "test/baseline_sketch/macro_f1": 0.3, "test/baseline_sketch/auroc": 0.3, "test/baseline_dw/acc": b,
+             "test/baseline_dw/macro_f1": b, "test/baseline_dw/auroc": b, "params": 10.0, "train_adapters_per_s": 5.0}
+            for a, b in ((0.6, 0.7), (0.62, 0.74))]
+    text = compare.report({"classification": {"w2t": runs}}, tmp_path, [0, 1], "header")
+    assert "| baseline: dw | **0.7200 ± 0.0283** |" in text and "| w2t | 0.6100 ± 0.0141 |" in text
+    assert matplotlib.image.imread(tmp_path / "compare.png").shape[0] > 100
+    assert compare._plot({"classification": {"w2t": runs}}, tmp_path / "again.png") == {"classification": ("dw", 0.72)}
+
+
+def runpy_module(relative: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
@@ -32,6 +33,8 @@ class JobReport(Callback):
         return " ".join(o for o in overrides if o.split("=", 1)[0] in keys) or " ".join(overrides)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:  # a single run prints its own results table
+            return
         if job_return.status.name == "COMPLETED":
             value = job_return.return_value
             result = f"{value:.4f}" if isinstance(value, float) else str(value)
