@@ -179,7 +179,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if "data" not in given and "data.root" not in given and "data.collection" not in given:
             cfg.data.root, cfg.data.collection = trained.get("root"), trained.get("collection", cfg.data.collection)
         for key in TRAINED_DATA[2:]:
-            if key in trained and not {f"data.{key}", "data"} & given and not (key == "seed" and "seed" in given):
+            if key in trained and f"data.{key}" not in given and not (key == "seed" and "seed" in given):
                 cfg.data[key] = trained[key]
         cfg.data.schema = model.hparams.info["schema"]
         cfg.data.representation = model.hparams.get("input", "canonical")
