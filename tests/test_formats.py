@@ -431,3 +431,38 @@ def test_config_rank_disagrees(llama: BuiltAdapter, tmp_path: Path) -> None:
         load_adapter(folder)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
     assert_names(info, folder / "adapter_model.safetensors", key)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_base_modifying_init_is_refused_and_a_converted_one_reads_exactly(init, tmp_path):
+    """PiSSA/OLoRA rewrite the base weights: their raw factors are no s·B·A of the original base. PEFT's
+    conversion (`path_initial_model_for_weight_conversion`) makes a rank-2r LoRA of the original base."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from adapters_factory import tiny_llama
+    from w2t.data.cache import TokenCache
+
+    base = tiny_llama(2, seed=0)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=init))
+    model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():  # stands for training: the factors move away from their init
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "unconverted")
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(AdapterFormatError, match=rf"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion") as e:
+        load_adapter(tmp_path / "unconverted")
+    assert str(tmp_path / "unconverted") in str(e.value) and "\n" not in str(e.value)
+    adapter = load_adapter(tmp_path / "converted")
+    merged = model.merge_and_unload().state_dict()
+    for m in adapter.modules:
+        key = m.name.removeprefix("base_model.model.") + ".weight"
+        ref = merged[key].double() - original[key].double()  # what the trained adapter does to the original base
+        assert m.rank == 8 and (m.scale * m.B.double() @ m.A.double() - ref).norm() <= 1e-5 * ref.norm()
+    report = TokenCache(tmp_path / "cache").build([("good", tmp_path / "converted"), ("bad", tmp_path / "unconverted")])
+    assert list(report.entries) == ["good"] and [f["adapter_id"] for f in report.failed] == ["bad"]

@@ -76,6 +76,7 @@ class PeftLoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
+    init_lora_weights: bool | str = True
 
     @classmethod
     def read(cls, path: Path) -> PeftLoraConfig:
@@ -93,7 +94,7 @@ class PeftLoraConfig:
         if peft_type != "LORA":
             raise AdapterFormatError(f"peft_type {peft_type!r} is not LoRA: ΔW is not scale·B·A", path, "peft_type")
         try:
-            return cls(
+            config = cls(
                 path=path,
                 r=_rank("r", raw.get("r", cls.r)),
                 lora_alpha=_alpha("lora_alpha", raw.get("lora_alpha", cls.lora_alpha)),
@@ -101,9 +102,18 @@ class PeftLoraConfig:
                 rank_pattern={str(k): _rank(k, v) for k, v in (raw.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): _alpha(k, v) for k, v in (raw.get("alpha_pattern") or {}).items()},
                 modules_to_save=_names(raw.get("modules_to_save")),
+                init_lora_weights=raw.get("init_lora_weights", True),
             )
         except (TypeError, ValueError, AttributeError) as e:
             raise AdapterFormatError(f"malformed LoRA config ({e})", path) from None
+        if _modifies_base(config.init_lora_weights):
+            raise AdapterFormatError(
+                f"init_lora_weights={config.init_lora_weights!r} changes the base weights when the adapter is created, "
+                "so these factors are a delta from that modified base, not s·B·A from the original one. Save it with "
+                "PEFT's conversion: model.save_pretrained(DIR, path_initial_model_for_weight_conversion=<the adapter "
+                "saved before training>) (PiSSA, OLoRA, CorDA); PEFT converts no LoftQ or LoRA-GA adapter",
+                path, "init_lora_weights")
+        return config
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """Config `r` and `lora_alpha` of a module, as PEFT's `_create_and_replace` resolves them."""
@@ -127,6 +137,15 @@ class PeftLoraConfig:
             except re.error as e:
                 raise AdapterFormatError(f"invalid {field_name} regex ({e})", self.path, key) from None
         return module
+
+
+# PEFT inits that rewrite the base layer (PEFT's lora/layer.py: W_res = W - s·B₀A₀, or a quantized W);
+# `gaussian`, `orthogonal`, `eva`, True and False leave the base as it was
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _modifies_base(init: object) -> bool:
+    return isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS)
 
 
 def _rank(name: str, value: object) -> int:
