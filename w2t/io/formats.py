@@ -38,7 +38,7 @@ from w2t.errors import (
 )
 from w2t.io.keys import parse_module_name, split_key, strip_wrapper
 
-READER_VERSION = 1  # bump when a file reads to other factors or scales; token cache keys include it
+READER_VERSION = 2  # bump when a file reads to other factors or scales; token cache keys include it
 CONFIG_NAME = "adapter_config.json"
 # Looked for, in this order, inside a folder; `adapter_model.*` needs the PEFT config beside it.
 WEIGHT_FILES = (
