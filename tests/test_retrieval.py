@@ -180,3 +180,16 @@ def test_delta_w_baseline_is_the_same_for_raw_and_canonical_components(tiny_coll
         dm.setup()
         feats[rep] = delta_w_features(dm.whole_split("test")["tokens"], dm.schema, norms=True)
     assert torch.allclose(feats["raw"], feats["canonical"], rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_decorrelates_the_training_split_and_the_best_baseline_is_chosen_on_validation():
+    from w2t.tasks.retrieval import whitening
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 10, generator=gen, dtype=torch.float64) @ torch.randn(10, 300, generator=gen, dtype=torch.float64)
+    Z = whitening(X, dims=8, shrink=0.0)(X).double()
+    assert torch.allclose(Z.T @ Z / (len(X) - 1), torch.eye(8, dtype=torch.float64), atol=1e-4)
+    assert whitening(X, dims=64)(X).shape == (60, 10), "never more directions than the data has"
+    metrics = {"val/baseline_raw/mrr": 0.1, "val/baseline_dw/mrr": 0.5, "val/baseline_dw_white/mrr": 0.4,
+               "test/baseline_dw_white/mrr": 0.9, "test/baseline_dw/mrr": 0.3}
+    assert Retrieval.best_baseline(metrics) == "dw", "validation decides, not test"

@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("classification", "performance", "retrieval")
 CONTRACT_KEYS = {
     "classification": ["test/acc", "test/macro_f1", "test/auroc", "test/baseline_sketch/acc",
+                       "test/baseline_spectrum/acc", "test/baseline_dw+spectrum/acc",
                        "test/baseline_dw/acc", "val/acc", "val/baseline_sketch/acc"],
     "performance": ["test/r2", "test/spearman", "test/kendall", "test/mae", "test/baseline_sketch/spearman",
                     "test/baseline_dw/spearman", "val/spearman", "val/baseline_sketch/spearman"],
     "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
-                  "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "test/baseline_dw/mrr", "val/mrr", "val/baseline_sketch/mrr"],
+                  "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "test/baseline_dw/mrr", "test/baseline_dw_white/mrr",
+                  "val/mrr", "val/baseline_sketch/mrr"],
 }
 
 

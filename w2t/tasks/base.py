@@ -7,7 +7,6 @@ config in `configs/task/`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn as nn
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from w2t.models.features import delta_w_features, sketch_features
+from w2t.models.features import delta_w_features, sketch_features, spectral_features
 
 ESTIMATORS = ("linear", "knn")
 
@@ -62,6 +61,14 @@ class Task(nn.Module):
         """Draw the test split's picture, with its test metric in the title, on `fig`; returns the file stem."""
         raise NotImplementedError
 
+    @classmethod
+    def best_baseline(cls, metrics: dict[str, float]) -> str | None:
+        """The simple read with the best validation score on the main metric: the bar a learned model must
+        clear (chosen on validation, never on test). None without validation scores."""
+        scored = {b: metrics[f"val/baseline_{b}/{cls.primary}"] for b in cls.baselines
+                  if f"val/baseline_{b}/{cls.primary}" in metrics}
+        return max(scored, key=lambda b: (scored[b], -cls.baselines.index(b))) if scored else None
+
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -95,8 +102,15 @@ class FittedRead:
 class PredictionTask(Task):
     """A task with targets: its simple reads are a linear model (logistic / ridge) on fixed features."""
 
-    baselines = ("sketch", "dw")
-    FEATURES = {"sketch": sketch_features, "dw": partial(delta_w_features, norms=True)}
+    baselines = ("sketch", "dw", "spectrum", "dw+spectrum")
+    # (tokens, schema, seed) → (B, F) features; `spectrum` is blind to the singular vectors, `dw` reads ΔW/‖ΔW‖
+    FEATURES = {
+        "sketch": lambda tokens, schema, seed: sketch_features(tokens, schema, seed=seed).numpy(),
+        "dw": lambda tokens, schema, seed: delta_w_features(tokens, schema, seed=seed, norms=True).numpy(),
+        "spectrum": lambda tokens, schema, seed: spectral_features(tokens, schema),
+        "dw+spectrum": lambda tokens, schema, seed: np.concatenate(
+            [delta_w_features(tokens, schema, seed=seed, norms=True).numpy(), spectral_features(tokens, schema)], 1),
+    }
 
     def estimator(self, kind: str, seed: int):
         raise NotImplementedError
@@ -118,8 +132,8 @@ class PredictionTask(Task):
         out: dict[str, float] = {}
         for name in self.baselines:
             fn = self.FEATURES[name]
-            read = self.fit_read(fn(train["tokens"], dm.schema, seed=seed).numpy(), train, seed=seed)
+            read = self.fit_read(fn(train["tokens"], dm.schema, seed), train, seed=seed)
             for stage, split in splits.items():
-                y = read(fn(split["tokens"], dm.schema, seed=seed).numpy())
+                y = read(fn(split["tokens"], dm.schema, seed))
                 out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(y, split).items()}
         return out

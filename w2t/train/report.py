@@ -24,6 +24,8 @@ def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str
     rows = [(f"{name} (trained)", "test/")]
     rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in TASKS[task].baselines
              if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
+    if (best := TASKS[task].best_baseline(metrics)) is not None:
+        rows.append((f"best baseline (on val): {best}", f"test/baseline_{best}/"))
     table = Table(title=f"{task} — test split")
     table.add_column("method")
     for k in keys:
