@@ -88,7 +88,7 @@ def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
                 rows[f"baseline: {b}"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys} for m in first]
         best = [task.best_baseline(m) for m in first]  # per seed, chosen on validation: the bar to clear
         if all(best):
-            rows["best baseline (on val)"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys}
+            rows["best baseline (chosen on val)"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys}
                                               for b, m in zip(best, first)]
         best = {k: (min if k in LOWER_IS_BETTER else max)(np.mean([m[f"test/{k}"] for m in ms]) for ms in rows.values())
                 for k in keys}

@@ -41,3 +41,33 @@ def test_unknown_representation_is_refused():
     with pytest.raises(ValueError, match="representation"):
         CacheOptions(representation="spectral")
     assert CacheOptions(representation="raw").tag != CacheOptions().tag  # separate cache entries
+
+
+@pytest.mark.parametrize("kind", ["gl", "svd", "pad", "bf16"])
+def test_reparametrizations_keep_the_update_and_the_canonical_tokens(kind, tmp_path):
+    """Every re-written factorization gives the same ΔW (bf16: up to its storage rounding); canonical tokens
+    stay the same, and tokenize places a zero-padded rank-2r module in the rank-r schema."""
+    from adapters_factory import llama_adapter
+
+    from w2t.canon.reparam import reparametrize
+    from w2t.data.tokens import TokenSchema, tokenize
+    from w2t.io.formats import load_adapter
+
+    adapter = load_adapter(llama_adapter(tmp_path / "a").path)
+    other = reparametrize(adapter, kind, seed=3)
+    tol = 1e-2 if kind == "bf16" else 1e-4  # bf16 keeps 8 bits; float32 factors of a κ=10³ G lose ~3 digits
+    for a, b in zip(adapter.modules, other.modules):
+        dw, dw2 = a.scale * a.B.double() @ a.A.double(), b.scale * b.B.double() @ b.A.double()
+        assert (dw2 - dw).norm() <= tol * dw.norm()
+        assert b.rank == (2 * a.rank if kind == "pad" else a.rank)
+        if kind in ("gl", "svd"):
+            assert not torch.allclose(b.B, a.B), "the factors themselves change"
+    schema = TokenSchema.from_modules(adapter_components(adapter))
+    ref, _ = tokenize(adapter_components(adapter), schema)
+    got, unknown = tokenize(adapter_components(other), schema, strict=False)
+    assert not unknown
+    for g in ref:
+        for k in ("s", "mask"):
+            assert torch.allclose(got[g][k].double(), ref[g][k].double(), rtol=tol, atol=tol * ref[g]["s"].max().item())
+    with pytest.raises(ValueError, match="reparametrization"):
+        reparametrize(adapter, "transpose")

@@ -124,6 +124,10 @@ def test_fit_and_test_each_experiment(experiment, tiny_collection, tmp_path):
     for key in CONTRACT_KEYS[experiment]:
         assert key in metrics and math.isfinite(metrics[key]), key
     assert all(isinstance(v, float) for v in metrics.values())
+    primary = {"classification": "acc", "performance": "spearman", "retrieval": "mrr"}[experiment]
+    for kind in ("gl", "svd", "pad"):  # canonical tokens: the same factorization-free read of the same updates
+        assert abs(metrics[f"test_reparam/{kind}/{primary}"] - metrics[f"test/{primary}"]) <= 1e-3, kind
+    assert f"test_reparam/{primary}" in metrics and f"test_reparam/bf16/{primary}" in metrics
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"])
     assert (out / "config.yaml").exists() and (out / "checkpoints" / "best.ckpt").exists()

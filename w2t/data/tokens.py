@@ -100,6 +100,8 @@ def tokenize(
     taken: set[tuple[str, int]] = set()
     for mod in modules:
         g = schema.group_for(mod.module_type, *mod.shape)
+        if g is not None and mod.S.shape[0] > g.max_rank and not mod.mask[g.max_rank:].any():
+            mod = _drop_masked_tail(mod, g.max_rank)  # zero-padded rank: what lies past the schema's rank is nothing
         r = mod.S.shape[0]
         li = g.layers.index(mod.layer) if g is not None and mod.layer in g.layers else -1
         if g is None or li < 0 or r > g.max_rank or (g.name, li) in taken:
@@ -116,6 +118,10 @@ def tokenize(
     if unknown and strict:
         raise SchemaError("modules outside the schema: " + "; ".join(unknown), path=source)
     return out, unknown
+
+
+def _drop_masked_tail(mod: CanonicalModule, rank: int) -> CanonicalModule:
+    return CanonicalModule(mod.module_type, mod.layer, mod.U[:, :rank], mod.S[:rank], mod.V[:, :rank], mod.mask[:rank])
 
 
 def collate_tokens(items: list[Tokens]) -> Tokens:

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from w2t.canon.reparam import REPARAMS  # noqa: E402
 from w2t.tasks import TASKS  # noqa: E402
 
 
@@ -20,21 +21,32 @@ def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str
     A job of a multirun prints nothing: the multirun says one line per job (w2t/train/sweep.py)."""
     if _in_multirun():
         return
-    keys = TASKS[task].columns
+    spec = TASKS[task]
     rows = [(f"{name} (trained)", "test/")]
-    rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in TASKS[task].baselines
+    rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in spec.baselines
              if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
-    if (best := TASKS[task].best_baseline(metrics)) is not None:
-        rows.append((f"best baseline (on val): {best}", f"test/baseline_{best}/"))
+    notes = [about]
+    if (best := spec.best_baseline(metrics)) is not None:
+        rows.append((f"best baseline: {best}", f"test/baseline_{best}/"))
+        notes.append(f"best baseline: the simple read with the best validation {spec.primary}")
+    reparam = metrics.get(f"test_reparam/{spec.primary}")  # the same test adapters, other factorizations
+    if reparam is not None:
+        notes.append(f"reparam: the model's {spec.primary} with the test adapters re-written as other factorizations "
+                     f"of the same updates (the worst of {', '.join(REPARAMS)})")
     table = Table(title=f"{task} — test split")
     table.add_column("method")
-    for k in keys:
+    for k in spec.columns:
         table.add_column(k, justify="right")
+    if reparam is not None:
+        table.add_column("reparam", justify="right")
     for row_name, prefix in rows:
-        table.add_row(row_name, *(f"{metrics.get(prefix + k, float('nan')):.4f}" for k in keys))
+        cells = [f"{metrics.get(prefix + k, float('nan')):.4f}" for k in spec.columns]
+        if reparam is not None:
+            cells.append(f"{reparam:.4f}" if prefix == "test/" else "–")
+        table.add_row(row_name, *cells)
     console = Console()
     console.print(table)
-    console.print(about, highlight=False)
+    console.print("\n".join(notes), highlight=False)
     console.print(f"metrics: {out_dir / 'metrics.json'}", highlight=False)
 
 

@@ -14,7 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from w2t.canon.reparam import REPARAMS, reparametrize
+from w2t.canon.representation import adapter_components
 from w2t.data.datamodule import AdapterDataModule
+from w2t.data.tokens import collate_tokens, tokenize
+from w2t.io.formats import load_adapter
 from w2t.models.pretrained import data_options
 from w2t.train.spectral import SpectralModel
 from w2t.tasks import TASKS
@@ -99,6 +103,8 @@ def train(cfg: DictConfig) -> float | None:
         # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
         metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
+        model.eval()
+        metrics |= reparam_metrics(model, dm, metrics, cfg.seed)
         baselines = model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
         _log_beside(trainer, baselines)
         n_train = len(dm.split_rows["train"])
@@ -107,12 +113,37 @@ def train(cfg: DictConfig) -> float | None:
                                 "epochs": float(trainer.current_epoch), "data_seconds": t_data, "fit_seconds": t_fit,
                                 "train_adapters_per_s": n_train * trained_here / max(t_fit, 1e-9)}
         _write_metrics(out_dir, metrics)
-        model.eval()
         save_plots(model, dm, out_dir, metrics, trainer.loggers)
         print_results(task, metrics, out_dir, model_name(cfg.model), f"trained on {n_train} adapters")
         if not cfg.get("save_checkpoints", True):
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return None if value is None else float(value)
+
+
+@torch.no_grad()
+def reparam_metrics(model, dm: AdapterDataModule, metrics: dict[str, float], seed: int) -> dict[str, float]:
+    """The test metrics with every test-split adapter re-written as another factorization of the same update
+    (w2t/canon/reparam.py; the gallery stays as stored): `test_reparam/<kind>/<metric>`, and
+    `test_reparam/<metric>` from the kind farthest from `test/<metric>`. An invariant model moves only by
+    bf16 rounding; one that reads the raw factors shows what the factorization costs it."""
+    split = dm.whole_split("test")
+    tokens = [dm.tokens(int(i)) for i in split["index"]]
+    device = getattr(model, "device", "cpu")
+    out: dict[str, float] = {}
+    for kind in REPARAMS:
+        items = list(tokens)
+        for j, (row, keep) in enumerate(zip(split["index"].tolist(), split["in_split"].tolist())):
+            if keep:
+                adapter = reparametrize(load_adapter(dm.table.abs_path[row], allow_pickle=dm.hp.allow_pickle), kind, seed)
+                modules = adapter_components(adapter, dm.hp.representation, sign_rule=dm.hp.sign_rule)
+                items[j] = tokenize(modules, dm.schema, strict=False)[0]
+        batch = {g: {k: v.to(device) for k, v in t.items()} for g, t in collate_tokens(items).items()}
+        scores = model.task.evaluate(model(batch).float().cpu(), split)
+        out |= {f"test_reparam/{kind}/{k}": float(v) for k, v in scores.items()}
+    for k in model.task.columns:
+        worst = max(REPARAMS, key=lambda kind: abs(out[f"test_reparam/{kind}/{k}"] - metrics[f"test/{k}"]))
+        out[f"test_reparam/{k}"] = out[f"test_reparam/{worst}/{k}"]
+    return out
 
 
 def _log_beside(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -142,6 +173,7 @@ def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, 
         split = dm.whole_split(stage)
         scores |= {f"{stage}/{k}": float(v) for k, v in model.task.evaluate(model(split["tokens"]), split).items()}
     metrics = scores
+    metrics |= reparam_metrics(model, dm, metrics, cfg.seed)
     metrics |= model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
     n_train = len(dm.split_rows["train"])
     metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
