@@ -220,6 +220,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(cfg, eval_gallery=TASKS[task].uses_gallery)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=_loggers(cfg) or False)
     metrics = {k: float(v) for k, v in trainer.test(model, datamodule=dm, verbose=False)[0].items()}
+    model.eval()
+    metrics |= reparam_metrics(model, dm, metrics, dm.hp.seed)
     metrics |= model.task.baseline_metrics(dm, dm.hp.seed, ("test",))
     _write_metrics(out_dir, metrics)
     root = dm.hp.root or Path(dm.hp.data_dir) / dm.hp.collection
