@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from adapters_factory import bert_adapter, llama_adapter
 from w2t import load_adapter
 from w2t.canon.canonical import canonicalize_adapter
+from w2t.canon.representation import raw_components
 from w2t.models.w2t import EncoderConfig, W2TEncoder
 from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
 
@@ -34,6 +35,19 @@ def tokens_of(adapter, schema=None):
     mods = canonicalize_adapter(adapter)
     schema = schema or TokenSchema.from_modules(mods)
     return tokenize(mods, schema, dtype=torch.float64)[0], schema
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random and non-zero, as in a trained model: at its initialisation the W2T read-out and
+    the Transformer's residual branches are zero, so u and v would never reach the output and an invariance
+    test would prove nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.3
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std + 0.05)
+    assert all((p != 0).all() for p in module.parameters())
+    return module
 
 
 def max_diff(t1, t2):
@@ -88,12 +102,18 @@ def test_encoder_outputs_invariant_and_sensitive(llama, tmp_path):
     ref, schema = tokens_of(adapter)
     rep, _ = tokens_of(reparametrized(adapter, 1e3, seed=1), schema)
     other, _ = tokens_of(load_adapter(llama_adapter(tmp_path / "b", num_layers=3, seed=5).path, dtype=torch.float64), schema)
-    torch.manual_seed(0)
-    enc = W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval()
+    enc = randomize_(W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval())
     with torch.no_grad():
         z_ref, z_rep, z_other = enc(collate_tokens([ref, rep, other])).unbind(0)
-    assert (z_ref - z_rep).abs().max() < 1e-6
-    assert (z_ref - z_other).abs().max() > 1e-2
+    scale = z_ref.abs().max()
+    assert (z_ref - z_rep).abs().max() < 1e-6 * scale
+    assert (z_ref - z_other).abs().max() > 1e-2 * scale
+    # the check can fail: fed the raw factors instead (no canonical form), the same encoder moves
+    raw = [tokenize(raw_components(a), schema, dtype=torch.float64)[0]
+           for a in (adapter, reparametrized(adapter, 1e3, seed=1))]
+    with torch.no_grad():
+        z_raw, z_raw_rep = enc(collate_tokens(raw)).unbind(0)
+    assert (z_raw - z_raw_rep).abs().max() > 1e-2 * scale
 
 
 def test_mixed_ranks_and_module_sets_batch_together(tmp_path):
@@ -146,11 +166,8 @@ def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama)
     it is a function of ΔW alone, so it needs no sign rule. Changing ΔW itself does change it."""
     ref = _with_tied_sigmas(tokens_of(load_adapter(llama, dtype=torch.float64))[0])
     schema = TokenSchema.from_modules(canonicalize_adapter(load_adapter(llama)))
-    torch.manual_seed(0)
-    enc = W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval()
-    for block in enc.modules_tf.layers:  # trained-like residual branches, not the zero init
-        torch.nn.init.normal_(block.self_attn.out_proj.weight, std=0.2)
-        torch.nn.init.normal_(block.linear2.weight, std=0.2)
+    enc = randomize_(W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval())
+    leaky = randomize_(_FirstRankLeak(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval())
 
     def flip(t):  # (uᵢ, vᵢ) → (−uᵢ, −vᵢ) for ranks 0 and 2
         t["u"][:, [0, 2]] *= -1
@@ -176,6 +193,7 @@ def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama)
         assert max_diff(ref, variants[name]) > 0.1, f"{name} must change the tokens themselves"
     with torch.no_grad():
         z = enc(collate_tokens([ref, *variants.values()]))
+        z_leak = leaky(collate_tokens([ref, *variants.values()]))
     scale = z[0].abs().max().item()
     for i, name in enumerate(variants, start=1):
         change = (z[i] - z[0]).abs().max().item()
@@ -183,6 +201,20 @@ def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama)
             assert change > 1e-2 * scale, "the encoder must respond to a change of ΔW"
         else:
             assert change < 1e-10 * scale, f"{name}: output moved by {change:.2e}"
+            # the same check catches an encoder that reads the first rank token as it is stored
+            assert (z_leak[i] - z_leak[0]).abs().max().item() > 1e-3 * z_leak[0].abs().max().item(), name
+
+
+class _FirstRankLeak(W2TEncoder):
+    """Deliberately not invariant: adds a read of u₁ itself, which flips with its sign and follows rank order."""
+
+    def __init__(self, schema, config):
+        super().__init__(schema, config)
+        self.leak = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(g.m, config.d_model)) for g in schema.groups)
+
+    def _module_tokens(self, i, t):
+        x, present = super()._module_tokens(i, t)
+        return x + t["u"][:, :, 0] @ self.leak[i], present
 
 
 def test_encoder_parameters_do_not_grow_with_depth_except_position_binding(tmp_path):
