@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
 
 from w2t.tasks import TASKS  # noqa: E402
 
-MODELS = ["w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
+MODELS = ["w2t", "w2t_paper", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
 # W2T options worth ablating: name -> overrides on top of model=w2t
 ABLATIONS = {
     "w2t-no-transformer": ["model=w2t", "model.encoder.depth=0"],

@@ -18,8 +18,8 @@ from w2t.canon.reparam import reparametrize
 from w2t.train.run import setup_run, train
 from w2t.data.tokens import collate_tokens, tokenize
 
-MODELS = ("w2t", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral")
-INVARIANT = ("w2t", "glnet", "sketch", "spectral")
+MODELS = ("w2t", "w2t_paper", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral")
+INVARIANT = ("w2t", "w2t_paper", "glnet", "sketch", "spectral")  # w2t_paper: through the canonical form
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -77,3 +77,24 @@ def test_trained_predictions_under_reparametrization(name, trained):
         assert change < 1e-4, f"{name}: predictions moved by {change:.2e} under (B·G, G⁻¹·A)"
     else:
         assert change > 1e-2 * before.abs().max().item(), f"{name}: raw-factor model unexpectedly invariant ({change:.2e})"
+
+
+def test_paper_model_reads_one_sequence_of_rank_tokens_with_either_projection(tiny_collection, tmp_path):
+    """`projections=position` gives each (type, layer) its own Pᵤ, Pᵥ, as the reference code does."""
+    from w2t.data.datamodule import AdapterDataModule
+    from w2t.models.w2t_paper import PaperConfig, W2TPaperEncoder
+
+    dm = AdapterDataModule(root=str(tiny_collection), cache_dir=str(tmp_path))
+    dm.setup()
+    batch = dm.whole_split("test")["tokens"]
+    sizes = {}
+    for projections in ("type", "position"):
+        torch.manual_seed(0)
+        enc = W2TPaperEncoder(dm.schema, PaperConfig(d_model=32, depth=1, projections=projections)).eval()
+        with torch.no_grad():
+            z = enc(batch)
+        assert z.shape == (len(dm.split_rows["test"]), 32) and torch.isfinite(z).all()
+        sizes[projections] = sum(p.numel() for p in enc.proj_u.parameters())
+    assert sizes["position"] == sizes["type"] * dm.schema.groups[0].num_layers
+    with pytest.raises(ValueError, match="projections"):
+        PaperConfig(projections="module")

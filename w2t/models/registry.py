@@ -15,9 +15,11 @@ from w2t.models.glnet import GLNetConfig, GLNetEncoder
 from w2t.models.pretrained import CONFIG_FILE, WEIGHTS_FILE, PretrainedConfig, w2t_version
 from w2t.models.sketch import SketchConfig, SketchEncoder
 from w2t.models.w2t import EncoderConfig, W2TEncoder
+from w2t.models.w2t_paper import PaperConfig, W2TPaperEncoder
 
 ENCODERS = {
     "w2t": (W2TEncoder, EncoderConfig),
+    "w2t_paper": (W2TPaperEncoder, PaperConfig),
     "flat_mlp": (FlatMLPEncoder, FlatMLPConfig),
     "glnet": (GLNetEncoder, GLNetConfig),
     "sketch": (SketchEncoder, SketchConfig),
