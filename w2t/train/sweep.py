@@ -35,11 +35,11 @@ class JobReport(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:  # a single run prints its own results table
             return
-        if job_return.status.name == "COMPLETED":
-            value = job_return.return_value
+        try:
+            value = job_return.return_value  # re-raises a failed job's exception
             result = f"{value:.4f}" if isinstance(value, float) else str(value)
-        else:
-            result = f"FAILED ({type(job_return._return_value).__name__})"
+        except Exception as e:  # noqa: BLE001  a failed job is reported, the multirun goes on
+            result = f"FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         print(f"job {config.hydra.job.num}: {self._swept(config, list(job_return.overrides or []))} → {result}  "
               f"[{config.hydra.runtime.output_dir}]", flush=True)
 
