@@ -105,6 +105,22 @@ def test_export_reloads_in_a_fresh_process_bitwise(run_dir, tiny, data_dir, path
     printed = capsys.readouterr().out
     assert ids[0] in printed and "1.0000" in printed and "task" in printed, printed
 
+    # the same library as a Hugging Face dataset folder, with the collection's columns
+    import datasets
+
+    from w2t.search.hub import library_from_dataset
+
+    hf = tmp_path / "library_hf"
+    assert embed_main(["--encoder", str(run_dir / "encoder"), "--collection", str(tiny), "--out", str(hf),
+                       "--format", "hf"]) == 0
+    library = datasets.load_from_disk(str(hf))
+    assert {"adapter_id", "embedding", "task", "accuracy"} <= set(library.column_names)
+    emb_hf, ids_hf, meta_hf = library_from_dataset(library)
+    assert ids_hf == ids and torch.equal(emb_hf, expected) and meta_hf["encoder_sha256"] == meta["encoder_sha256"]
+    capsys.readouterr()
+    assert search_main(["--index", str(hf), "--encoder", str(run_dir / "encoder"), "--query", paths[0], "-k", "3"]) == 0
+    assert ids[0] in capsys.readouterr().out
+
 
 class Snapshot(L.Callback):
     """Weights at the start and end of fit, and the modes the encoder and head trained in."""

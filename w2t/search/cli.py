@@ -34,6 +34,24 @@ def _load_table(root: str):
     return read_metadata(root)
 
 
+def _load_library(path: str):
+    """An embeddings file, or a datasets folder written with --format hf."""
+    if not Path(path).is_dir():
+        from w2t.search.index import load_embeddings
+
+        return load_embeddings(path)
+    import datasets
+
+    from w2t.search.hub import library_from_dataset
+
+    try:
+        return library_from_dataset(datasets.load_from_disk(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise W2TError(f"not a datasets folder ({type(e).__name__}: {e})", path) from None
+    except W2TError as e:
+        raise W2TError(str(e), path) from None
+
+
 def embed_main(argv: list[str] | None = None) -> int:
     """w2t-embed --encoder DIR (--collection ROOT | --adapters DIR_OR_GLOB) --out emb.safetensors"""
     ap = argparse.ArgumentParser(prog="w2t-embed", description="Embed a library of LoRA adapters with a pretrained encoder.")
@@ -41,7 +59,9 @@ def embed_main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--collection", help="collection root with a metadata file (ids = adapter_id)")
     src.add_argument("--adapters", help="folder of adapter files/folders, or a glob (ids = names)")
-    ap.add_argument("--out", required=True, help="embeddings file to write (.safetensors)")
+    ap.add_argument("--out", required=True, help="embeddings file to write (.safetensors), or a folder with --format hf")
+    ap.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                    help="hf: a Hugging Face datasets folder (save_to_disk), with the collection's metadata columns")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt files (weights_only)")
@@ -62,8 +82,15 @@ def embed_main(argv: list[str] | None = None) -> int:
             raise W2TError("no adapters found", args.collection or args.adapters)
         ids, paths = zip(*items)
         result = encoder.embed_many(paths, ids, batch_size=args.batch_size, allow_pickle=args.allow_pickle)
-        save_embeddings(args.out, result.embeddings, result.ids, encoder=str(Path(args.encoder).resolve()),
-                        encoder_sha256=fingerprint(args.encoder), failed=result.failed)
+        meta = {"encoder": str(Path(args.encoder).resolve()), "encoder_sha256": fingerprint(args.encoder),
+                "failed": result.failed}
+        if args.format == "hf":
+            from w2t.search.hub import library_to_dataset
+
+            table = _load_table(args.collection).set_index("adapter_id") if args.collection else None
+            library_to_dataset(result.embeddings, result.ids, table, **meta).save_to_disk(args.out)
+        else:
+            save_embeddings(args.out, result.embeddings, result.ids, **meta)
     except W2TError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +104,7 @@ def embed_main(argv: list[str] | None = None) -> int:
 def search_main(argv: list[str] | None = None) -> int:
     """w2t-search --index emb.safetensors --encoder DIR --query ADAPTER [-k 10] [--metadata ROOT]"""
     ap = argparse.ArgumentParser(prog="w2t-search", description="Find the library adapters most similar to a query adapter.")
-    ap.add_argument("--index", required=True, help="embeddings file written by w2t-embed")
+    ap.add_argument("--index", required=True, help="embeddings written by w2t-embed (a file, or a --format hf folder)")
     ap.add_argument("--encoder", required=True, help="the exported encoder that wrote the index")
     ap.add_argument("--query", required=True, nargs="+", help="query adapter file(s)/folder(s)")
     ap.add_argument("-k", type=int, default=10)
@@ -89,10 +116,10 @@ def search_main(argv: list[str] | None = None) -> int:
 
     from w2t.models import load_pretrained
     from w2t.models.pretrained import fingerprint
-    from w2t.search.index import EmbeddingIndex, load_embeddings
+    from w2t.search.index import EmbeddingIndex
 
     try:
-        emb, ids, meta = load_embeddings(args.index)
+        emb, ids, meta = _load_library(args.index)
         encoder = load_pretrained(args.encoder)
         if meta.get("encoder_sha256") not in (None, fingerprint(args.encoder)):
             raise W2TError(f"the index was written by another encoder ({meta.get('encoder')}): "
