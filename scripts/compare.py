@@ -67,6 +67,17 @@ def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[st
     return json.loads(metrics_file.read_text())
 
 
+def git_state() -> dict:
+    """The commit the comparison ran on, and whether the tree had uncommitted changes (then it is not that commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
 def _cell(values: list[float]) -> str:
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
@@ -176,7 +187,7 @@ def main() -> None:
         metrics = {j: f.result() for j, f in futures.items()}
     results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]} for e in args.experiments}
     (out / "compare.json").write_text(json.dumps(
-        {"overrides": args.overrides, "extra": extra, "seeds": args.seeds,
+        {"git": git_state(), "overrides": args.overrides, "extra": extra, "seeds": args.seeds,
          "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()}}, indent=1, sort_keys=True))
     command = "python scripts/compare.py " + " ".join(sys.argv[1:])
     took = f"{len(jobs)} runs; {pending} run now in {time.perf_counter() - start:.0f} s, the rest reused"

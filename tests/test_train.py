@@ -393,6 +393,8 @@ def test_compare_report_marks_the_best_and_draws_the_best_baseline(tmp_path):
     assert "| baseline: dw | **0.7200 ± 0.0283** |" in text and "| w2t | 0.6100 ± 0.0141 |" in text
     assert matplotlib.image.imread(tmp_path / "compare.png").shape[0] > 100
     assert compare._plot({"classification": {"w2t": runs}}, tmp_path / "again.png") == {"classification": ("dw", 0.72)}
+    state = compare.git_state()  # recorded in compare.json
+    assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
 
 
 def runpy_module(relative: str):
