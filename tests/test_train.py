@@ -203,7 +203,7 @@ def test_readme_main_command_subprocess(tiny_collection, tmp_path):
 
 def test_multilabel_classification_end_to_end(tiny_collection, tmp_path):
     """`data.label_columns`: one sigmoid per 0/1 column, monitored by AUROC, and eval.py reads it back."""
-    labels = "digit_1,digit_3,digit_6,digit_8"  # digits_tiny's subsets (even, low) leave the other columns constant
+    labels = "digit_0,digit_1,digit_3,digit_5,digit_6,digit_8"  # digits_tiny: digit_0 is always 1, digit_5 always 0
     out = tmp_path / "run"
     cfg = make_cfg(["experiment=classification", "data.label_column=null", f"data.label_columns=[{labels}]",
                     "data.split=random", *fast(tiny_collection, tmp_path)], out)
@@ -212,7 +212,7 @@ def test_multilabel_classification_end_to_end(tiny_collection, tmp_path):
     for key in ("test/acc", "test/macro_f1", "test/auroc", "val/auroc", "test/baseline_dw/auroc"):
         assert math.isfinite(metrics[key]), key
     model = AdapterModel.load_from_checkpoint(out / "checkpoints" / "best.ckpt", weights_only=True)
-    assert model.task.multilabel and model.task.n == 4 and model.monitor == ("val/auroc", "max")
+    assert model.task.multilabel and model.task.n == 6 and model.monitor == ("val/auroc", "max")
     assert (out / "per_label_auroc.png").exists()
     evaluated = tmp_path / "eval"
     cfg = make_cfg([f"paths.data_dir={tmp_path / 'data'}", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}"],

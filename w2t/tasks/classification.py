@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import clone
+from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.multioutput import MultiOutputClassifier
 from sklearn.neighbors import KNeighborsClassifier
@@ -51,15 +53,16 @@ class Classification(PredictionTask):
     def estimator(self, kind, seed):
         est = (LogisticRegression(C=0.1, max_iter=2000, random_state=seed) if kind == "linear"
                else KNeighborsClassifier(5, weights="distance"))
-        return MultiOutputClassifier(est) if self.multilabel else est
+        return _PerLabel(est) if self.multilabel else est
 
     def targets(self, split):
         return split["labels" if self.multilabel else "label"].numpy()
 
     def estimator_outputs(self, est, X):
         """Logits: of P(label = 1) per label (multi-label), or log-probabilities over all classes."""
-        if self.multilabel:
-            p = np.stack([pr[:, -1] if pr.shape[1] > 1 else np.zeros(len(X)) for pr in est.predict_proba(X)], 1)
+        if self.multilabel:  # a label constant in training predicts its constant
+            p = np.stack([pr[:, -1] if pr.shape[1] > 1 else np.full(len(X), float(e.classes_[0]))
+                          for pr, e in zip(est.predict_proba(X), est[-1].estimators_)], 1)
             p = np.clip(p, 1e-7, 1 - 1e-7)
             return torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32)
         proba = np.full((len(X), self.n), 1e-7)
@@ -91,3 +94,14 @@ class Classification(PredictionTask):
                     ax.text(j, i, f"{rows[i, j]:.2f}\n({counts[i, j]})", ha="center", va="center", fontsize=6,
                             color="white" if rows[i, j] > 0.5 else "black")
         return "confusion_matrix"
+
+
+class _PerLabel(MultiOutputClassifier):
+    """One classifier per 0/1 label column; a label constant in the training split (a small split, a rare
+    label) gets a DummyClassifier instead of failing the fit: logistic regression needs two classes."""
+
+    def fit(self, X, Y, **fit_params):
+        self.estimators_ = [(clone(self.estimator) if len(np.unique(y)) > 1 else DummyClassifier(strategy="prior"))
+                            .fit(X, y) for y in np.asarray(Y).T]
+        self.classes_ = [e.classes_ for e in self.estimators_]
+        return self
