@@ -33,7 +33,7 @@ import w2t.io
 from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule
 from w2t.canon.representation import REPRESENTATIONS, adapter_components
 from w2t.errors import W2TError
-from w2t.io.files import TMP_SUFFIX, atomic_write, atomic_write_text
+from w2t.io.files import TMP_SUFFIX, atomic_write, atomic_write_text, exclusive_lock
 from w2t.io.formats import READER_VERSION, load_adapter
 from w2t.io.keys import KEYS_VERSION
 from w2t.progress import progress
@@ -147,21 +147,11 @@ class TokenCache:
     def _lock(self) -> Iterator[None]:
         """One build at a time; holding the lock, every temporary file is a killed build's: remove it."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # no flock on Windows: concurrent builds still write whole entries
-            fcntl = None
-        with open(self.dir.parent / f".{self.dir.name}.lock", "w") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                if fcntl is not None:
-                    for stale in self.dir.rglob(f".*{TMP_SUFFIX}"):
-                        stale.unlink(missing_ok=True)
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive_lock(self.dir.parent / f".{self.dir.name}.lock") as held:  # no flock: whole entries still
+            if held:
+                for stale in self.dir.rglob(f".*{TMP_SUFFIX}"):
+                    stale.unlink(missing_ok=True)
+            yield
 
     def _cached_error(self, error_file: Path) -> dict | None:
         """A failure recorded by this reading code, or None (none, unreadable, or from other code: retry)."""

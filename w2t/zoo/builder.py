@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
-from hashlib import sha256
 from itertools import repeat
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+from w2t.io.files import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RecipeBase:
 
     @property
     def hash(self) -> str:
-        return sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextmanager
@@ -152,19 +153,11 @@ def build_lock(root: Path, name: str) -> Iterator[None]:
 
     Holding the lock, a leftover folder of a replaced collection belongs to a killed build: remove it.
     """
-    try:
-        import fcntl
-    except ImportError:  # no flock on Windows: concurrent builds still end in one valid folder
-        yield
-        return
-    with open(root / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
+    with exclusive_lock(root / f".{name}.lock") as held:  # no flock (Windows): builds still end in one valid folder
+        if held:
             for stale in root.glob(f".{name}.old-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def available_cores() -> int:
