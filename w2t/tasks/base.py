@@ -103,14 +103,15 @@ class PredictionTask(Task):
     """A task with targets: its simple reads are a linear model (logistic / ridge) on fixed features."""
 
     baselines = ("sketch", "dw", "spectrum", "dw+spectrum")
-    # (tokens, schema, seed) → (B, F) features; `spectrum` is blind to the singular vectors, `dw` reads ΔW/‖ΔW‖
-    FEATURES = {
-        "sketch": lambda tokens, schema, seed: sketch_features(tokens, schema, seed=seed).numpy(),
-        "dw": lambda tokens, schema, seed: delta_w_features(tokens, schema, seed=seed, norms=True).numpy(),
-        "spectrum": lambda tokens, schema, seed: spectral_features(tokens, schema),
-        "dw+spectrum": lambda tokens, schema, seed: np.concatenate(
-            [delta_w_features(tokens, schema, seed=seed, norms=True).numpy(), spectral_features(tokens, schema)], 1),
-    }
+
+    @staticmethod
+    def features(tokens, schema, seed: int) -> dict[str, np.ndarray]:
+        """(B, F) features of every simple read, each computed once: `spectrum` is blind to the singular
+        vectors, `dw` reads ΔW/‖ΔW‖ (and log‖ΔW‖), `dw+spectrum` is both side by side."""
+        dw = delta_w_features(tokens, schema, seed=seed, norms=True).numpy()
+        spectrum = spectral_features(tokens, schema)
+        return {"sketch": sketch_features(tokens, schema, seed=seed).numpy(), "dw": dw, "spectrum": spectrum,
+                "dw+spectrum": np.concatenate([dw, spectrum], 1)}
 
     def estimator(self, kind: str, seed: int):
         raise NotImplementedError
@@ -129,11 +130,11 @@ class PredictionTask(Task):
     def baseline_metrics(self, dm, seed, stages):
         splits = {stage: dm.whole_split(stage) for stage in stages}
         train = dm.whole_split("train")
+        X_train = self.features(train["tokens"], dm.schema, seed)
+        X = {stage: self.features(split["tokens"], dm.schema, seed) for stage, split in splits.items()}
         out: dict[str, float] = {}
         for name in self.baselines:
-            fn = self.FEATURES[name]
-            read = self.fit_read(fn(train["tokens"], dm.schema, seed), train, seed=seed)
+            read = self.fit_read(X_train[name], train, seed=seed)
             for stage, split in splits.items():
-                y = read(fn(split["tokens"], dm.schema, seed))
-                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(y, split).items()}
+                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(read(X[stage][name]), split).items()}
         return out

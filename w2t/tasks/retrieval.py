@@ -87,10 +87,13 @@ class Retrieval(Task):
         like seen ones; `dw_white` ranks `dw` after a whitening fitted on the training split (no labels)."""
         out: dict[str, float] = {}
         white = whitening(delta_w_features(dm.whole_split("train")["tokens"], dm.schema, seed=seed))
+        raw_of: dict[int, torch.Tensor] = {}  # the gallery is in every stage's items: read each file once
         for stage in stages:
             split = dm.whole_split(stage)
-            raw = torch.stack([raw_features(load_adapter(dm.table.abs_path[int(i)], allow_pickle=dm.hp.allow_pickle), dm.schema)
-                               for i in split["index"]])
+            for i in split["index"].tolist():
+                if i not in raw_of:
+                    raw_of[i] = raw_features(load_adapter(dm.table.abs_path[i], allow_pickle=dm.hp.allow_pickle), dm.schema)
+            raw = torch.stack([raw_of[i] for i in split["index"].tolist()])
             dw = delta_w_features(split["tokens"], dm.schema, seed=seed)
             feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed), "dw": dw,
                      "dw_white": white(dw)}
@@ -112,7 +115,6 @@ class Retrieval(Task):
         query = (split["in_split"] & split["is_query"]).numpy()
         ids, counts = np.unique(groups, return_counts=True)
         largest = ids[np.argsort(-counts, kind="stable")[: self.LEGEND_GROUPS]]
-        names = info.group_names or [str(g) for g in ids]
         for k, (xy, how) in enumerate(((pca, "PCA"), (tsne, "t-SNE"))):
             ax = fig.add_subplot(1, 2, k + 1)
             other = ~np.isin(groups, largest)
@@ -121,7 +123,7 @@ class Retrieval(Task):
                 for c, g in enumerate(largest):
                     sel = marks & (groups == g)
                     ax.scatter(*xy[sel].T, color=f"C{c}", s=14, marker=marker,
-                               label=names[g] if marker == "o" else None)
+                               label=(info.group_names[g] if info.group_names else str(g)) if marker == "o" else None)
             ax.set(title=how, xticks=[], yticks=[])
         ax.legend(fontsize=6, loc="best", title=f"largest {len(largest)} groups", title_fontsize=6)
         fig.suptitle(f"test embeddings (× query, ● gallery): MRR {metrics['test/mrr']:.3f}")

@@ -127,16 +127,17 @@ def reparam_metrics(model, dm: AdapterDataModule, metrics: dict[str, float], see
     `test_reparam/<metric>` from the kind farthest from `test/<metric>`. An invariant model moves only by
     bf16 rounding; one that reads the raw factors shows what the factorization costs it."""
     split = dm.whole_split("test")
-    tokens = [dm.tokens(int(i)) for i in split["index"]]
+    rows = split["index"].tolist()
+    tokens = [dm.tokens(row) for row in rows]
+    adapters = {j: load_adapter(dm.table.abs_path[rows[j]], allow_pickle=dm.hp.allow_pickle)  # read each file once
+                for j, keep in enumerate(split["in_split"].tolist()) if keep}
     device = getattr(model, "device", "cpu")
     out: dict[str, float] = {}
     for kind in REPARAMS:
         items = list(tokens)
-        for j, (row, keep) in enumerate(zip(split["index"].tolist(), split["in_split"].tolist())):
-            if keep:
-                adapter = reparametrize(load_adapter(dm.table.abs_path[row], allow_pickle=dm.hp.allow_pickle), kind, seed)
-                modules = adapter_components(adapter, dm.hp.representation, sign_rule=dm.hp.sign_rule)
-                items[j] = tokenize(modules, dm.schema, strict=False)[0]
+        for j, adapter in adapters.items():
+            modules = adapter_components(reparametrize(adapter, kind, seed), dm.hp.representation, sign_rule=dm.hp.sign_rule)
+            items[j] = tokenize(modules, dm.schema, strict=False)[0]
         batch = {g: {k: v.to(device) for k, v in t.items()} for g, t in collate_tokens(items).items()}
         scores = model.task.evaluate(model(batch).float().cpu(), split)
         out |= {f"test_reparam/{kind}/{k}": float(v) for k, v in scores.items()}
