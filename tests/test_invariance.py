@@ -1,7 +1,6 @@
 """Invariance on real PEFT adapters: files → canonical tokens → encoder outputs (docs/design.md §2, §3)."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -13,22 +12,15 @@ from safetensors.torch import load_file, save_file
 from adapters_factory import bert_adapter, llama_adapter
 from w2t import load_adapter
 from w2t.canon.canonical import canonicalize_adapter
+from w2t.canon.reparam import reparametrize
 from w2t.canon.representation import raw_components
 from w2t.models.w2t import EncoderConfig, W2TEncoder
 from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
 
 
 def reparametrized(adapter, cond: float, seed: int):
-    """The same ΔW per module, factored as (B G, G⁻¹ A) with cond(G) = `cond`, in float64."""
-    gen = torch.Generator().manual_seed(seed)
-    out = copy.deepcopy(adapter)
-    for mod in out.modules:
-        r = mod.rank
-        Q1, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
-        Q2, _ = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
-        G = Q1 @ torch.diag(torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)) @ Q2
-        mod.A, mod.B = torch.linalg.solve(G, mod.A.double()), mod.B.double() @ G
-    return out
+    """The same ΔW per module, factored as (B G, G⁻¹ A) with cond(G) = `cond`, in the adapter's (float64) dtype."""
+    return reparametrize(adapter, "gl", seed, condition=cond)
 
 
 def tokens_of(adapter, schema=None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import torch
 
@@ -26,11 +27,11 @@ def _generator(name: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def _gl(mod: LoraModule, gen: torch.Generator, condition: float = 1e3) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _gl(mod: LoraModule, gen: torch.Generator, condition: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     r = mod.rank
     q1 = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))[0]
     q2 = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))[0]
-    G = q1 @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), r, dtype=torch.float64)) @ q2
+    G = q1 @ torch.diag(torch.logspace(0, -math.log10(condition), r, dtype=torch.float64)) @ q2
     return mod.B.double() @ G, torch.linalg.solve(G, mod.A.double()), mod.scale
 
 
@@ -44,14 +45,15 @@ def _pad(mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor, float]:
     return (torch.cat([mod.B, torch.zeros_like(mod.B)], 1), torch.cat([mod.A, torch.zeros_like(mod.A)], 0), mod.scale)
 
 
-def reparametrize(adapter: Adapter, kind: str, seed: int = 0) -> Adapter:
-    """The same adapter, every module re-written as the factorization `kind` (`REPARAMS`)."""
+def reparametrize(adapter: Adapter, kind: str, seed: int = 0, *, condition: float = 1e3) -> Adapter:
+    """The same adapter, every module re-written as the factorization `kind` (`REPARAMS`), in the factors'
+    own dtype; `condition` is κ(G) for `gl`."""
     if kind not in REPARAMS:
         raise ValueError(f"reparametrization must be one of {REPARAMS}, got {kind!r}")
     modules = []
     for mod in adapter.modules:
         if kind == "gl":
-            B, A, scale = _gl(mod, _generator(mod.name, seed))
+            B, A, scale = _gl(mod, _generator(mod.name, seed), condition)
         elif kind == "svd":
             B, A, scale = _svd(mod)
         elif kind == "pad":
