@@ -1,23 +1,33 @@
-"""Throughput of reading + canonicalizing Llama-3.2-3B-shaped LoRA adapters vs reading alone.
+"""Throughput of reading + canonicalizing Llama-3.2-3B-shaped LoRA adapters vs reading alone and vs the floor.
 
-python scripts/bench_canon.py [--adapters 8] [--repeats 3] [--threads N] [--out bench_results/canon.json]
+python scripts/bench_canon.py [--adapters 8] [--repeats 3] [--threads 1 2] [--out bench_results/canon.json]
 
 Each adapter: 28 layers × {q, o: 3072×3072; k, v: 1024×3072}, rank 16, bf16, PEFT folder. The
 files are read once before timing, so every path reads from the page cache (the comparison is then
 CPU and memory work only). The baseline "read" is `safetensors.torch.load_file` to torch tensors.
-Paths are timed interleaved (each repeat runs every path once, over all adapters) and the median
-repeat is reported, so a burst of load from other jobs hits every path alike; ratios are only
-meaningful within one run. Process CPU time is reported next to wall time. On a machine shared with
-other jobs use `--threads 1`: with several OpenMP threads every op waits for descheduled peers.
-"read + canonicalize (householder)" is the library's reference path (`method="householder"`: Householder
-QR, no Gram matrices), timed in the same run.
+Paths are timed interleaved (each repeat runs every path once, over all adapters, at every thread
+setting) and the median repeat is reported, so a burst of load from other jobs hits every path alike;
+ratios are only meaningful within one run. Process CPU time is reported next to wall time. On a
+machine shared with other jobs prefer `--threads 1`: with several OpenMP threads every op waits for
+descheduled peers. "read + canonicalize (householder)" is the library's reference path
+(`method="householder"`: Householder QR, no Gram matrices), timed in the same run.
+
+The floor row times the bare float64 work on the same files, batched by shape bucket (one bucket
+per factor shape, as canonicalization batches): read (`load_file`); convert both factors to float64
+(each bucket stacked, then converted to one float64 tensor, in the stored layout); the
+Gram matrices AAᵀ and BᵀB (one batched matmul per bucket); the (dim×r)(r×r) products that form U and V
+(one batched matmul per bucket, written as the (r×r)(r×dim) product of the transposes, the faster
+layout here). No Cholesky, SVD, sign rule, checks or Python bookkeeping. "× floor" is the floor time
+over each path's time; the target for "read + canonicalize" is floor/time ≥ 0.5 (at most twice the
+floor) at every thread setting. The floor's steps are timed too (`floor_steps` in the JSON).
 
 The same run measures the machine (memory copy bandwidth, float64 GEMM GFLOP/s, and the GFLOP/s of
 the batched tall-skinny Gram products canonicalization is made of) and prints a roofline-style lower
 bound: the bytes canonicalization must touch (read the bf16 factors, write U and V in float64) and
 the flops it must do (a Gram matrix and one r×r·r×m product per factor: 2·(m+n)·r² multiply-adds
 per module), turned into a best possible "read + canonicalize" time and ratio vs read alone.
-Prints a table and writes JSON.
+Prints a table per thread setting and writes JSON: `runs` holds one entry per thread setting; the
+top-level `rows`, `threads`, `bound` and `machine_rates` repeat the first one.
 """
 from __future__ import annotations
 
@@ -52,6 +62,44 @@ def write_adapter(folder: Path, seed: int, layers: int = LAYERS, rank: int = RAN
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 32, "target_modules": list(SHAPES), "use_rslora": False}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return (folder / "adapter_model.safetensors").stat().st_size
+
+
+# --- the floor: the bare float64 work on the same file --------------------------------------------
+
+FLOOR_STEPS = ("read", "convert", "gram", "product")
+
+
+def floor_work(path: Path, steps: dict[str, float] | None = None) -> list[torch.Tensor]:
+    """Read; both factors to float64; AAᵀ and BᵀB; the (dim×r)(r×r) products; batched by shape bucket.
+
+    Adds each step's seconds to `steps`. Every factor is X (dim, r): B as stored, A transposed (a view).
+    """
+    t0 = time.perf_counter()
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    t1 = time.perf_counter()
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for key, t in tensors.items():
+        buckets.setdefault((".lora_B." in key, tuple(t.shape)), []).append(t)
+    times = dict.fromkeys(FLOOR_STEPS, 0.0)
+    times["read"] = t1 - t0
+    out = []
+    for (is_b, shape), mats in buckets.items():
+        a = time.perf_counter()
+        stacked = torch.stack(mats).to(torch.float64)  # two passes, but one op each (stack(out=float64) copies
+        # module by module, one parallel region each with several threads: far slower on a loaded machine)
+        X = stacked if is_b else stacked.mT  # (k, dim, r)
+        b = time.perf_counter()
+        G = X.mT @ X  # BᵀB, AAᵀ: (k, r, r)
+        c = time.perf_counter()
+        out.append(G @ X.mT)  # (X·G)ᵀ: the (dim×r)(r×r) product, in the faster (r×r)(r×dim) layout
+        d = time.perf_counter()
+        times["convert"] += b - a
+        times["gram"] += c - b
+        times["product"] += d - c
+    if steps is not None:
+        for name, v in times.items():
+            steps[name] = steps.get(name, 0.0) + v
+    return out
 
 
 # --- machine and bound ----------------------------------------------------------------------------
@@ -121,15 +169,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+READ, FLOOR, REAL = "read (safetensors.load_file)", "floor (read, float64, Grams, products)", "read + canonicalize"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[0],
+                    help="torch thread settings, each timed in the same run (0: torch's default)")
     ap.add_argument("--out", default="bench_results/canon.json")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    settings = [t or torch.get_num_threads() for t in args.threads]
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"a{i}" for i in range(args.adapters)]
@@ -137,52 +188,87 @@ def main() -> None:
         for p in paths:  # warm the page cache: every path below reads from memory
             load_file(str(p / "adapter_model.safetensors"))
         preloaded = [load_adapter(p) for p in paths[:1]]
+        floor_steps: dict[int, dict[str, float]] = {t: {} for t in settings}
+        current = {"threads": settings[0]}
 
         runs = {
-            "read (safetensors.load_file)": lambda p: load_file(str(p / "adapter_model.safetensors")),
+            READ: lambda p: load_file(str(p / "adapter_model.safetensors")),
+            FLOOR: lambda p: floor_work(p, floor_steps[current["threads"]]),
             "read (w2t.load_adapter)": lambda p: load_adapter(p),
             "read + canonicalize (householder)": lambda p: canonicalize_adapter(load_adapter(p), method="householder"),
-            "read + canonicalize": lambda p: canonicalize_adapter(load_adapter(p)),
+            REAL: lambda p: canonicalize_adapter(load_adapter(p)),
             "read bf16 + canonicalize": lambda p: canonicalize_adapter(load_adapter(p, dtype=torch.bfloat16)),
             "canonicalize only": lambda p: canonicalize_adapter(preloaded[0]),
         }
         if torch.cuda.is_available():
             runs["read + canonicalize (cuda)"] = lambda p: (canonicalize_adapter(load_adapter(p), device="cuda"), torch.cuda.synchronize())
-        for fn in runs.values():  # warm-up (lazy imports, allocator)
-            fn(paths[0])
-        machine = measure_machine()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        cpu_times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved: each repeat runs every path
-            for name, fn in runs.items():
-                t, c = time.perf_counter(), time.process_time()
-                for p in paths:
-                    fn(p)
-                cpu_times[name].append(time.process_time() - c)
-                times[name].append(time.perf_counter() - t)
-        machine_after = measure_machine()  # the load may change during the run: report both
-        seconds = {name: statistics.median(ts) for name, ts in times.items()}
-        cpu_seconds = {name: statistics.median(ts) for name, ts in cpu_times.items()}
+        machine: dict[int, list[dict]] = {}
+        for t in settings:
+            torch.set_num_threads(t)
+            current["threads"] = t
+            for fn in runs.values():  # warm-up (lazy imports, allocator)
+                fn(paths[0])
+            machine[t] = [measure_machine()]
+            floor_steps[t].clear()
+        times = {(t, name): [] for t in settings for name in runs}
+        cpu_times = {(t, name): [] for t in settings for name in runs}
+        for _ in range(args.repeats):  # interleaved: each repeat runs every path at every thread setting
+            for t in settings:
+                torch.set_num_threads(t)
+                current["threads"] = t
+                for name, fn in runs.items():
+                    w, c = time.perf_counter(), time.process_time()
+                    for p in paths:
+                        fn(p)
+                    cpu_times[t, name].append(time.process_time() - c)
+                    times[t, name].append(time.perf_counter() - w)
+        for t in settings:  # the load may change during the run: report both
+            torch.set_num_threads(t)
+            machine[t].append(measure_machine())
 
-    base = seconds["read (safetensors.load_file)"]
-    cpu_base = cpu_seconds["read (safetensors.load_file)"]
+    results = [report(t, times, cpu_times, machine[t], floor_steps[t], runs, size, args) for t in settings]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    first = results[0]
+    out.write_text(json.dumps({"adapter_mb": size / 1e6, "adapters": args.adapters, "repeats": args.repeats,
+                               "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
+                               "torch": torch.__version__, "threads": first["threads"], "rows": first["rows"],
+                               "machine_rates": first["machine_rates"], "bound": first["bound"], "runs": results},
+                              indent=1))
+    print(f"wrote {out}")
+
+
+def report(threads, times, cpu_times, machine, floor_steps, runs, size, args) -> dict:
+    """Print one thread setting's table and bound; its JSON entry."""
+    seconds = {name: statistics.median(times[threads, name]) for name in runs}
+    cpu_seconds = {name: statistics.median(cpu_times[threads, name]) for name in runs}
+    base, cpu_base = seconds[READ], cpu_seconds[READ]
+    floor, cpu_floor = seconds[FLOOR], cpu_seconds[FLOOR]
     rows = []
     for name, s in seconds.items():
         rows.append({"path": name, "seconds_per_adapter": s / args.adapters, "adapters_per_s": args.adapters / s,
                      "MB_per_s": args.adapters * size / s / 1e6, "ratio_vs_read": base / s,
-                     "cpu_seconds_per_adapter": cpu_seconds[name] / args.adapters,
-                     "cpu_ratio_vs_read": cpu_base / cpu_seconds[name]})
-    mach = {k: statistics.mean([machine[k], machine_after[k]]) for k in machine}
+                     "ratio_vs_floor": floor / s, "cpu_seconds_per_adapter": cpu_seconds[name] / args.adapters,
+                     "cpu_ratio_vs_read": cpu_base / cpu_seconds[name], "cpu_ratio_vs_floor": cpu_floor / cpu_seconds[name]})
+    before, after = machine
+    mach = {k: statistics.mean([before[k], after[k]]) for k in before}
     bnd = bound(size, base / args.adapters, mach)
+    steps = {k: v / (len(times[threads, FLOOR]) * args.adapters) for k, v in floor_steps.items()}  # mean per adapter
     header = (f"{args.adapters} adapters, {size / 1e6:.1f} MB each (bf16), {cpu_model()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+              f"torch {torch.__version__}, {threads} threads")
     print("\n" + header)
     print("(wall: median repeat; cpu: process CPU time, less sensitive to other jobs on a shared machine)")
-    print(f"{'path':32s} {'ms/adapter':>11s} {'adapters/s':>11s} {'MB/s':>9s} {'× read':>7s} {'cpu ms':>8s} {'cpu × read':>10s}")
+    print(f"{'path':40s} {'ms/adapter':>11s} {'adapters/s':>11s} {'MB/s':>9s} {'× read':>7s} {'× floor':>8s} "
+          f"{'cpu ms':>8s} {'cpu × read':>10s} {'cpu × floor':>11s}")
     for r in rows:
-        print(f"{r['path']:32s} {1e3 * r['seconds_per_adapter']:11.1f} {r['adapters_per_s']:11.2f} {r['MB_per_s']:9.1f} "
-              f"{r['ratio_vs_read']:7.3f} {1e3 * r['cpu_seconds_per_adapter']:8.1f} {r['cpu_ratio_vs_read']:10.3f}")
-    print(f"\nmachine (mean of before/after the timed runs): copy {mach['copy_GB_per_s']:.1f} GB/s (read+write), "
+        print(f"{r['path']:40s} {1e3 * r['seconds_per_adapter']:11.1f} {r['adapters_per_s']:11.2f} {r['MB_per_s']:9.1f} "
+              f"{r['ratio_vs_read']:7.3f} {r['ratio_vs_floor']:8.3f} {1e3 * r['cpu_seconds_per_adapter']:8.1f} "
+              f"{r['cpu_ratio_vs_read']:10.3f} {r['cpu_ratio_vs_floor']:11.3f}")
+    real = seconds[REAL] / floor
+    print(f"floor steps (mean ms/adapter): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in steps.items()))
+    print(f"read + canonicalize / floor: {real:.2f} (wall), {cpu_seconds[REAL] / cpu_floor:.2f} (cpu); "
+          f"target ≤ 2: {'met' if real <= 2 else 'NOT met'}")
+    print(f"machine (mean of before/after the timed runs): copy {mach['copy_GB_per_s']:.1f} GB/s (read+write), "
           f"dgemm {mach['dgemm_GFLOP_per_s']:.1f} GFLOP/s, batched 3072×16 Gram {mach['skinny_gram_GFLOP_per_s']:.1f} GFLOP/s")
     print(f"bound per adapter: canonicalize must touch ≥ {bnd['canon_bytes_min'] / 1e6:.1f} MB "
           f"(≥ {1e3 * bnd['canon_s_min_bytes']:.1f} ms at copy bandwidth) and do ≥ {bnd['canon_flops_min'] / 1e9:.2f} GFLOP "
@@ -193,15 +279,9 @@ def main() -> None:
     print(f"best possible read + canonicalize vs read alone: {bnd['best_ratio_vs_read']:.3f}× (dgemm rate), "
           f"{bnd['realistic_ratio_vs_read']:.3f}× (batched-Gram rate); target 0.5× needs canonicalize ≤ read alone "
           f"({1e3 * base / args.adapters:.1f} ms), the bound is {1e3 * bnd['canon_s_min']:.1f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"adapter_mb": size / 1e6, "adapters": args.adapters, "repeats": args.repeats,
-                               "threads": torch.get_num_threads(), "cpu": cpu_model(), "cores": os.cpu_count(),
-                               "machine": platform.machine(), "torch": torch.__version__, "rows": rows,
-                               "machine_rates": {"before": machine, "after": machine_after, "mean": mach},
-                               "bound": bnd}, indent=1))
-    print(f"wrote {out}")
-
+    return {"threads": threads, "rows": rows, "floor_steps_seconds_per_adapter": steps,
+            "read_canonicalize_over_floor": real, "cpu_read_canonicalize_over_floor": cpu_seconds[REAL] / cpu_floor,
+            "machine_rates": {"before": before, "after": after, "mean": mach}, "bound": bnd}
 
 if __name__ == "__main__":
     main()

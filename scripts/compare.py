@@ -4,11 +4,14 @@ python scripts/compare.py [--models ...] [--experiments ...] [--seeds 0 1 2] [--
                           [--out results/compare/digits] [--extra EXPERIMENT=OVERRIDE ...] [OVERRIDE ...]
 
 Each run is `python train.py experiment=E model=M seed=S` in its own process, writing to
-OUT/E/M/seed_S (a run whose metrics.json exists is reused, so an interrupted comparison resumes).
+OUT/E/M/seed_S (a run whose metrics.json and test_items.npz exist is reused, so an interrupted comparison resumes).
 Trailing OVERRIDEs go to every run (e.g. `data=minilm_text`); `--extra E=OVERRIDE` only to runs of
-experiment E (e.g. `--extra classification=data.label_column=category`). Writes OUT/compare.md (mean
-± std over seeds per metric, parameter count, training throughput), OUT/compare.json (every run's
-metrics) and OUT/compare.png (the main metric per experiment).
+experiment E (e.g. `--extra classification=data.label_column=category`). Experiments are the files of
+configs/experiment (retrieval_open: retrieval on groups never trained on). Writes OUT/compare.md (mean
+± std over seeds per metric, parameter count, training throughput, and the main metric's difference to
+the best simple read, chosen on validation per seed, with a paired bootstrap 95% CI over seeds × test
+items), OUT/compare.json (every run's metrics and those differences) and OUT/compare.png (the main
+metric per experiment). One comparison reads one collection; run it once per collection (`data=...`).
 """
 from __future__ import annotations
 
@@ -23,11 +26,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
 
 from w2t.tasks import TASKS  # noqa: E402
+
+
+def experiment_tasks() -> dict[str, str]:
+    """configs/experiment/<name>.yaml -> the task it runs (an `override /task:` or the experiment it extends)."""
+    def task_of(name: str) -> str:
+        for d in OmegaConf.load(ROOT / "configs" / "experiment" / f"{name}.yaml").get("defaults", []):
+            if isinstance(d, str) and d != "_self_":
+                return task_of(d)
+            if not isinstance(d, str) and "override /task" in d:
+                return d["override /task"]
+        raise ValueError(f"configs/experiment/{name}.yaml names no task")
+
+    return {f.stem: task_of(f.stem) for f in sorted((ROOT / "configs" / "experiment").glob("*.yaml"))}
+
+
+EXPERIMENTS = experiment_tasks()
 
 MODELS = ["w2t", "w2t_paper", "w2t_raw", "flat_mlp", "glnet", "sketch", "spectral"]
 # W2T options worth ablating: name -> overrides on top of model=w2t
@@ -37,19 +57,20 @@ ABLATIONS = {
     "w2t-k8": ["model=w2t", "model.encoder.sketch_dim=8"],
     "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
     "w2t+neighbourhood": ["model=w2t", "task.head.neighbourhood_weight=1"],  # keep ΔW's neighbourhoods
+    "w2t+warm-start": ["model=w2t", "task.head.warm_start=true"],  # start as the best linear read, add to it
 }
-ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}}  # ablations of one task's head: run for that experiment alone
+ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}}  # ablations of one task's head: run for that task alone
 LOWER_IS_BETTER = {"mae"}
 
 
 def models_per_experiment(experiments: list[str], models: list[str]) -> dict[str, list[str]]:
-    return {e: [m for m in models if e in ONLY_FOR.get(m, {e})] for e in experiments}
+    return {e: [m for m in models if EXPERIMENTS[e] in ONLY_FOR.get(m, {EXPERIMENTS[e]})] for e in experiments}
 
 
 def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[str], threads: int) -> dict:
     run_dir = out / experiment / name / f"seed_{seed}"
     metrics_file = run_dir / "metrics.json"
-    if not metrics_file.exists():
+    if not (metrics_file.exists() and (run_dir / "test_items.npz").exists()):
         model = ABLATIONS.get(name, [f"model={name}"])
         cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", *model, f"seed={seed}",
                f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
@@ -78,20 +99,47 @@ def git_state() -> dict:
         return {"commit": None, "dirty": None}
 
 
+def paired_difference(runs: list[dict], run_dirs: list[Path], task, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The main metric of the model minus that of the best simple read (chosen on validation, per seed): its
+    mean over seeds, and a 95% CI from a paired bootstrap that resamples each seed's test items (the same items
+    for both), averaging over seeds. Reads each run's test_items.npz."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for metrics, run_dir in zip(runs, run_dirs):
+        best = task.best_baseline(metrics)
+        with np.load(run_dir / "test_items.npz") as f:
+            items = {k: f[k] for k in f.files}
+        pick = lambda source: {k.split("/", 1)[1]: v for k, v in items.items() if k.split("/", 1)[0] == source}  # noqa: E731
+        pairs.append((pick("model"), pick(f"baseline_{best}")))
+    point = np.mean([task.primary_of(m) - task.primary_of(b) for m, b in pairs])
+    boot = np.zeros(n_boot)
+    for model, base in pairs:
+        n = len(next(iter(model.values())))
+        for i in range(n_boot):
+            idx = rng.integers(0, n, n)
+            boot[i] += task.primary_of(model, idx) - task.primary_of(base, idx)
+    lo, hi = np.nanpercentile(boot / len(pairs), [2.5, 97.5])
+    return {"diff": float(point), "ci": [float(lo), float(hi)]}
+
+
 def _cell(values: list[float]) -> str:
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
 
 
-def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
-    """Markdown tables (one per experiment) and a bar chart of each experiment's main metric."""
+def report(results: dict, out: Path, seeds: list[int], header: str, diffs: dict | None = None) -> str:
+    """Markdown tables (one per experiment) and a bar chart of each experiment's main metric.
+
+    `diffs[experiment][model]`: `paired_difference`, shown as the last column."""
     lines = [header, ""]
+    diffs = diffs or {}
     for experiment, by_model in results.items():
-        task = TASKS[experiment]
+        task = TASKS[EXPERIMENTS.get(experiment, experiment)]
         keys = task.columns
-        lines += [f"**{experiment}** (test split; mean ± std over seeds {', '.join(map(str, seeds))})", "",
-                  "| model | " + " | ".join(keys) + " | params | train adapters/s |",
-                  "|---" * (len(keys) + 3) + "|"]
+        lines += [f"**{experiment}** (test split; mean ± std over seeds {', '.join(map(str, seeds))}; "
+                  f"Δ: {task.primary} − best baseline's, paired bootstrap 95% CI)", "",
+                  "| model | " + " | ".join(keys) + " | params | train adapters/s | Δ [95% CI] |",
+                  "|---" * (len(keys) + 4) + "|"]
         rows = dict(by_model)
         first = next(iter(by_model.values()))
         for b in task.baselines:  # the simple reads every run also scores (docs/design.md §5)
@@ -110,7 +158,9 @@ def report(results: dict, out: Path, seeds: list[int], header: str) -> str:
                 cells.append(f"**{c}**" if np.isclose(np.mean([m[f"test/{k}"] for m in ms]), best[k]) else c)
             params = f"{int(ms[0]['params']):,}" if "params" in ms[0] else "–"
             speed = f"{np.mean([m['train_adapters_per_s'] for m in ms]):.0f}" if "train_adapters_per_s" in ms[0] else "–"
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {params} | {speed} |")
+            d = diffs.get(experiment, {}).get(name)
+            delta = f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d else "–"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {params} | {speed} | {delta} |")
         lines.append("")
     text = "\n".join(lines)
     (out / "compare.md").write_text(text)
@@ -128,7 +178,7 @@ def _plot(results: dict, path: Path) -> dict[str, tuple[str, float]]:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     drawn = {}
     for ax, (experiment, by_model) in zip(axes[0], results.items()):
-        task = TASKS[experiment]
+        task = TASKS[EXPERIMENTS.get(experiment, experiment)]
         k = task.primary
         first = next(iter(by_model.values()))
         found = [b for b in task.baselines if f"test/baseline_{b}/{k}" in first[0]]
@@ -156,7 +206,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS, help=f"from {MODELS} and {list(ABLATIONS)}")
     ap.add_argument("--ablations", action="store_true", help="also run the W2T ablations")
-    ap.add_argument("--experiments", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cores/jobs threads)")
     ap.add_argument("--out", default="results/compare/digits")
@@ -171,27 +221,30 @@ def main() -> None:
     extra: dict[str, list[str]] = {}
     for item in args.extra:
         experiment, _, override = item.partition("=")
-        if experiment not in TASKS or not override:
-            ap.error(f"--extra takes EXPERIMENT=OVERRIDE with EXPERIMENT in {list(TASKS)}, got {item!r}")
+        if experiment not in EXPERIMENTS or not override:
+            ap.error(f"--extra takes EXPERIMENT=OVERRIDE with EXPERIMENT in {list(EXPERIMENTS)}, got {item!r}")
         extra.setdefault(experiment, []).append(override)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # the cores this process may use
     runs_for = models_per_experiment(args.experiments, models)
     jobs = [(e, m, s) for e in args.experiments for m in runs_for[e] for s in args.seeds]
-    pending = sum(not (out / e / m / f"seed_{s}" / "metrics.json").exists() for e, m, s in jobs)
+    pending = sum(not (out / e / m / f"seed_{s}" / "test_items.npz").exists() for e, m, s in jobs)
     print(f"{len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each -> {out}", flush=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {j: pool.submit(run_one, *j, out, args.overrides + extra.get(j[0], []), threads) for j in jobs}
         metrics = {j: f.result() for j, f in futures.items()}
     results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]} for e in args.experiments}
+    diffs = {e: {m: paired_difference(ms, [out / e / m / f"seed_{s}" for s in args.seeds], TASKS[EXPERIMENTS[e]])
+                 for m, ms in by_model.items()} for e, by_model in results.items()}
     (out / "compare.json").write_text(json.dumps(
         {"git": git_state(), "overrides": args.overrides, "extra": extra, "seeds": args.seeds,
-         "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()}}, indent=1, sort_keys=True))
+         "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()},
+         "vs_best_baseline": diffs}, indent=1, sort_keys=True))
     command = "python scripts/compare.py " + " ".join(sys.argv[1:])
     took = f"{len(jobs)} runs; {pending} run now in {time.perf_counter() - start:.0f} s, the rest reused"
-    print(report(results, out, args.seeds, f"`{command}` ({took})"))
+    print(report(results, out, args.seeds, f"`{command}` ({took})", diffs))
 
 
 if __name__ == "__main__":

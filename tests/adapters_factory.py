@@ -1,8 +1,9 @@
-"""Builders of REAL LoRA adapters for tests, made with the `peft` library on tiny random models.
+"""Builders of REAL LoRA (and LoHa/LoKr) adapters for tests, made with the `peft` library on tiny random models.
 
 PEFT initializes `lora_B = 0`, which makes ΔW = 0 and hides every scale or transpose bug, so all
-builders pass `init_lora_weights=False` (random A and B). The live `PeftModel` is returned next to the
-saved folder: its `scaling` and `get_delta_weight` are the ground truth a reader must reproduce.
+builders pass `init_lora_weights=False` (random A and B; `init_weights=False` for LoHa/LoKr). The live
+`PeftModel` is returned next to the saved folder: its `scaling` and `get_delta_weight` are the ground
+truth a reader must reproduce.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.tuners.lokr.layer import factorization
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import save_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -70,12 +73,13 @@ class BuiltAdapter:
     path: Path
     model: PeftModel
 
-    def lora_layers(self) -> dict[str, LoraLayer]:
-        """LoRA-wrapped modules by the name their keys carry in the file."""
+    def lora_layers(self) -> dict[str, LoraLayer | LycorisLayer]:
+        """LoRA- (or LoHa/LoKr-) wrapped modules by the name their keys carry in the file."""
         return {
             name: m
             for name, m in self.model.named_modules()
             if isinstance(m, LoraLayer) and "default" in m.lora_A
+            or isinstance(m, LycorisLayer) and "default" in m.scaling
         }
 
     def expected(self) -> dict[str, tuple[float, torch.Tensor]]:
@@ -150,4 +154,71 @@ def write_kohya_file(
         scale = 1.0 if alpha is None else alpha / rank
         expected[name] = (down.to(dtype).float().reshape(rank, -1), up.to(dtype).float().reshape(m, rank), scale)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
+    return expected
+
+
+def build_lycoris_adapter(model: nn.Module, out_dir: Path, config: PeftConfig, *, seed: int = 0) -> BuiltAdapter:
+    """Wrap `model` with a LoHa/LoKr `config` (pass `init_weights=False`: PEFT zeroes a factor) and save it."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out_dir)
+    return BuiltAdapter(Path(out_dir), peft_model)
+
+
+def _lokr_scale(alpha: float | None, w1b: torch.Tensor | None, w2b: torch.Tensor | None) -> float:
+    """LyCORIS' LoKr scale: alpha over the rank of the decomposed factor; 1 without alpha or when both are full."""
+    rank = w1b.shape[0] if w1b is not None else w2b.shape[0] if w2b is not None else None
+    return 1.0 if alpha is None or rank is None else alpha / rank
+
+
+def write_lycoris_file(
+    path: Path, kind: str, *, rank: int = 2, alpha: float | None = 3.0, dtype: torch.dtype = torch.float16, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A LyCORIS `kind` ("loha" or "lokr") file with kohya module names; returns each module's ΔW (float64,
+    conv kernels flattened), computed densely by the format's own formulas from the stored tensors.
+
+    LoHa: linear modules plain, the conv with Tucker cores (`hada_t1`, `hada_t2`). LoKr cycles through
+    w1 full + w2 low-rank, both decomposed, both full (scale 1); the conv has a Tucker `lokr_t2`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    expected = {}
+
+    def put(key: str, *shape: int) -> torch.Tensor:
+        tensors[key] = torch.randn(*shape, generator=gen).to(dtype)
+        return tensors[key].double()
+
+    for i, (name, m, n, k) in enumerate(KOHYA_MODULES):
+        kernel = (k, k) if k > 1 else ()
+        if kind == "loha":
+            if kernel:
+                factors = [(put(f"{name}.hada_t{j}", rank, rank, *kernel), put(f"{name}.hada_w{j}_a", rank, m),
+                            put(f"{name}.hada_w{j}_b", rank, n)) for j in (1, 2)]
+                halves = [torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa) for t, wa, wb in factors]
+            else:
+                halves = [put(f"{name}.hada_w{j}_a", m, rank) @ put(f"{name}.hada_w{j}_b", rank, n) for j in (1, 2)]
+            delta = halves[0] * halves[1] * (1.0 if alpha is None else alpha / rank)
+        else:
+            (a, b), (c, d) = factorization(m, 4), factorization(n, 4)
+            mode = "tucker" if kernel else ("w2", "both", "full")[i % 3]
+            w1b = w2b = None
+            if mode == "both":
+                w1a, w1b = put(f"{name}.lokr_w1_a", a, rank), put(f"{name}.lokr_w1_b", rank, c)
+                w1 = w1a @ w1b
+            else:
+                w1 = put(f"{name}.lokr_w1", a, c)
+            if mode == "full":
+                w2 = put(f"{name}.lokr_w2", b, d)
+            elif mode == "tucker":
+                t2, w2a, w2b = put(f"{name}.lokr_t2", rank, rank, *kernel), put(f"{name}.lokr_w2_a", rank, b), \
+                    put(f"{name}.lokr_w2_b", rank, d)
+                w2 = torch.einsum("i j k l, i p, j r -> p r k l", t2, w2a, w2b).contiguous()  # kron needs it
+                w1 = w1[:, :, None, None]
+            else:
+                w2 = put(f"{name}.lokr_w2_a", b, rank) @ (w2b := put(f"{name}.lokr_w2_b", rank, d))
+            delta = torch.kron(w1, w2) * _lokr_scale(alpha, w1b, w2b)
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+        expected[name] = delta.reshape(m, -1)
+    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya"})
     return expected

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from w2t.canon.canonical import canonicalize, sign_margin
+from w2t.canon.canonical import CanonicalForm, canonicalize, sign_margin
 
 F64 = torch.float64
 
@@ -232,3 +232,94 @@ def test_chunked_products_match_unchunked(monkeypatch, chunk_modules):
     ref = canonicalize(A, B, 1.5, method="householder")
     monkeypatch.setattr(canonical, "_chunk_bytes", lambda: 8 * 6 * (40 + 50) * chunk_modules)
     same_tokens(canonicalize(A, B, 1.5), ref, 1e-11)
+
+
+# --- canonicalize_adapter: the modules' own factors, read chunk by chunk, never stacked ---------------
+
+
+def mixed_adapter():
+    """Two shape buckets; bf16, float32 and float64 factors; a non-contiguous A; in the first bucket a
+    rank-deficient B (Householder fallback), an ill-conditioned B (CholeskyQR2) and B = 0."""
+    from w2t.io.adapter import Adapter, LoraModule
+
+    g = torch.Generator().manual_seed(21)
+    mods = []
+    for layer in range(7):
+        for name, (m, n, r) in {"q": (48, 40, 6), "k": (24, 40, 4)}.items():
+            A = torch.randn(r, n, generator=g, dtype=F64) / n**0.5
+            B = torch.randn(m, r, generator=g, dtype=F64) / r
+            if name == "q" and layer == 1:
+                B[:, 3] = B[:, 0]
+            if name == "q" and layer == 2:
+                B = B @ random_gl(r, 1e5, seed=layer)
+            if name == "q" and layer == 3:
+                B = torch.zeros_like(B)
+            if name == "k" and layer == 4:
+                A = A.T.contiguous().T  # same values, column-major
+            dtype = (torch.bfloat16, torch.float32, F64)[layer % 3]
+            mods.append(LoraModule(f"l{layer}.{name}", A.to(dtype), B.to(dtype), 0.5 + layer, layer, name))
+    return Adapter(path=None, modules=mods)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk_modules", [None, 1, 3])
+def test_adapter_matches_module_by_module_householder(monkeypatch, chunk_modules):
+    """Lists of factors (any dtype, any strides, fallbacks mixed in) give each module's own reference result."""
+    import w2t.canon.canonical as canonical
+    from w2t.canon.canonical import canonicalize_adapter
+
+    adapter = mixed_adapter()
+    if chunk_modules is not None:  # several chunks per bucket, with a partial last one
+        monkeypatch.setattr(canonical, "_chunk_bytes", lambda: 8 * 6 * (48 + 40) * chunk_modules)
+    out = canonicalize_adapter(adapter, rtol=1e-9)
+    assert [(c.module_type, c.layer) for c in out] == [(m.module_type, m.layer) for m in adapter.modules]
+    for mod, got in zip(adapter.modules, out):
+        ref = canonicalize(mod.A, mod.B, mod.scale, rtol=1e-9, method="householder")
+        same_tokens(ref, got, 1e-10)
+        assert got.U.shape == (mod.B.shape[0], mod.rank) and got.V.shape == (mod.A.shape[1], mod.rank)
+        if got.mask.all():  # reconstruction ≤ 1e-10 relative, orthonormal U and V
+            check_form(CanonicalForm(got.U, got.S, got.V, got.mask), mod.A.double(), mod.B.double(), mod.scale)
+    assert not out[6].mask.any()  # q, layer 3: B = 0
+    assert out[2].mask.tolist() == [True] * 5 + [False]  # q, layer 1: rank 5
+
+
+def test_adapter_householder_and_cpu_device_agree():
+    from w2t.canon.canonical import canonicalize_adapter
+
+    adapter = mixed_adapter()
+    auto = canonicalize_adapter(adapter)
+    for other in (canonicalize_adapter(adapter, method="householder"), canonicalize_adapter(adapter, device="cpu")):
+        for a, b in zip(auto, other):
+            same_tokens(a, b, 1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    """device="cuda" (factors stacked on the GPU, results back on the CPU) equals the CPU path; so does
+    canonicalize on CUDA tensors, bf16 included."""
+    from w2t.canon.canonical import canonicalize_adapter
+
+    adapter = mixed_adapter()
+    cpu, gpu = canonicalize_adapter(adapter), canonicalize_adapter(adapter, device="cuda")
+    for a, b in zip(cpu, gpu):
+        assert b.U.device.type == "cpu" and b.U.dtype == F64
+        same_tokens(a, b, 1e-10)
+    g = torch.Generator().manual_seed(22)
+    A = (torch.randn(5, 16, 300, generator=g) / 20).to(torch.bfloat16)
+    B = (torch.randn(5, 200, 16, generator=g) / 16).to(torch.bfloat16)
+    ref = canonicalize(A, B, 2.0)
+    got = canonicalize(A.cuda(), B.cuda(), 2.0)
+    same_tokens(ref, type(ref)(*(t.cpu() for t in (got.U, got.S, got.V, got.mask))), 1e-10)
+
+
+@pytest.mark.parametrize("r,m,n", [(10, 16, 9), (12, 5, 7)])
+def test_rank_above_a_side_of_the_update(r, m, n):
+    """A rank above min(m, n) (a first conv layer's 1·3·3 inputs, a zero-padded factor): exact, the extra
+    components masked, every output of rank r."""
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(r, n, generator=gen, dtype=torch.float64), torch.randn(m, r, generator=gen, dtype=torch.float64)
+    for method in ("auto", "householder"):
+        form = canonicalize(A, B, 0.5, method=method)
+        assert form.U.shape == (m, r) and form.V.shape == (n, r) and form.S.shape == (r,)
+        assert int(form.mask.sum()) == min(m, n) and not form.S[~form.mask].any()
+        assert torch.linalg.norm(form.delta() - 0.5 * B @ A) <= 1e-12 * torch.linalg.norm(B @ A)

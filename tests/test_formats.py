@@ -173,14 +173,6 @@ def test_pickled_peft_folder_needs_allow_pickle(tmp_path: Path) -> None:
 # --- what is not a plain LoRA factor: kept and reported, never a crash ------------------------
 
 
-def test_dora_magnitudes_go_to_extras(tmp_path: Path) -> None:
-    built = llama_adapter(tmp_path, use_dora=True, target_modules=["q_proj", "v_proj"])
-    adapter = load_adapter(built.path)
-    assert len(adapter) == 6
-    assert len(adapter.extras) == 6 and all(k.endswith("lora_magnitude_vector") for k in adapter.extras)
-    assert any("DoRA" in note for note in adapter.notes)
-
-
 def test_modules_to_save_and_lora_bias_go_to_extras(tmp_path: Path) -> None:
     built = bert_adapter(tmp_path, modules_to_save=["classifier"], lora_bias=True)
     adapter = load_adapter(built.path)

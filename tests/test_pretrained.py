@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 from safetensors.torch import load_file, save_file
 
 import w2t.train.run
+from w2t.canon.canonical import CANON_VERSION
 from adapters_factory import llama_adapter
 from w2t.search.cli import embed_main, search_main
 from w2t.data.collection import read_metadata
@@ -75,7 +76,7 @@ def paths(tiny) -> list[str]:
 def test_export_reloads_in_a_fresh_process_bitwise(run_dir, tiny, data_dir, paths, tmp_path, capsys):
     encoder = load_pretrained(run_dir / "encoder")
     config = json.loads((run_dir / "encoder" / "config.json").read_text())
-    assert config["canonicalization"] == {"version": 1, "sign_rule": True, "rtol": 1e-6,
+    assert config["canonicalization"] == {"version": CANON_VERSION, "sign_rule": True, "rtol": 1e-6,
                                            "representation": "canonical"} and config["w2t_version"]
     expected = encoder.embed(paths)
     assert expected.shape == (len(paths), encoder.dim) and torch.isfinite(expected).all()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from w2t.data.datamodule import AdapterDataModule
 from w2t.errors import CollectionError
+from w2t.tasks import TASKS
 from w2t.train.lightning_module import AdapterModel
 from w2t.train.run import evaluate, train
 
@@ -128,6 +129,14 @@ def test_fit_and_test_each_experiment(experiment, tiny_collection, tmp_path):
     for kind in ("gl", "svd", "pad"):  # canonical tokens: the same factorization-free read of the same updates
         assert abs(metrics[f"test_reparam/{kind}/{primary}"] - metrics[f"test/{primary}"]) <= 1e-3, kind
     assert f"test_reparam/{primary}" in metrics and f"test_reparam/bf16/{primary}" in metrics
+    # per-item values give back every test metric they stand for: the model's and each simple read's
+    task = TASKS[experiment]
+    with np.load(out / "test_items.npz") as f:
+        items = {k: f[k] for k in f.files}
+    for source in ["model", *(f"baseline_{b}" for b in task.baselines)]:
+        values = {k.split("/", 1)[1]: v for k, v in items.items() if k.split("/", 1)[0] == source}
+        key = f"test/{primary}" if source == "model" else f"test/{source}/{primary}"
+        assert task.primary_of(values) == pytest.approx(metrics[key], abs=1e-6), source
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"])
     assert (out / "config.yaml").exists() and (out / "checkpoints" / "best.ckpt").exists()
@@ -395,6 +404,58 @@ def test_compare_report_marks_the_best_and_draws_the_best_baseline(tmp_path):
     assert compare._plot({"classification": {"w2t": runs}}, tmp_path / "again.png") == {"classification": ("dw", 0.72)}
     state = compare.git_state()  # recorded in compare.json
     assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_a_warm_started_model_starts_as_the_best_linear_read(experiment, tiny_collection, tmp_path):
+    """Before any training, with every encoder parameter random and non-zero, the model's test metrics are
+    those of the simple read it was warm-started from; a head that does not start at zero breaks that."""
+    from w2t.train.run import setup_run
+
+    cfg = make_cfg([f"experiment={experiment}", "task.head.warm_start=true", *fast(tiny_collection, tmp_path)], tmp_path / "run")
+    dm, model = setup_run(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.copy_(torch.randn_like(p))
+    task = model.task
+    read = task.fit_prior(dm) if experiment != "retrieval" else "dw"
+    split = dm.whole_split("test")
+    model.eval()
+    baseline = task.baseline_metrics(dm, 0, ("test",))
+    scores = task.evaluate(model(split["tokens"]).float(), split)
+    assert scores[task.primary] == pytest.approx(baseline[f"test/baseline_{read}/{task.primary}"], abs=1e-5)
+    with torch.no_grad():  # the broken variant: a head that adds something from the start
+        model.task.head[-1].bias.add_(torch.randn_like(model.task.head[-1].bias))
+        model.task.head[-1].weight.add_(torch.randn_like(model.task.head[-1].weight))
+    moved = task.evaluate(model(split["tokens"]).float(), split)
+    assert any(moved[k] != pytest.approx(scores[k], abs=1e-6) for k in task.columns)
+
+
+def test_compare_paired_bootstrap_against_the_best_baseline_chosen_on_val(tmp_path):
+    compare = runpy_module("scripts/compare.py")
+    assert compare.EXPERIMENTS["retrieval_open"] == "retrieval" and compare.EXPERIMENTS["classification"] == "classification"
+    task = TASKS["classification"]
+    rng = np.random.default_rng(0)
+    runs, dirs = [], []
+    for seed in range(3):
+        truth = rng.random(200)
+        model, dw, sketch = (truth < q for q in (0.8, 0.7, 0.75))  # accuracies ≈ 0.8, 0.7 and 0.75
+        d = tmp_path / f"seed_{seed}"
+        d.mkdir()
+        np.savez(d / "test_items.npz", **{"model/correct": model.astype(float), "baseline_dw/correct": dw.astype(float),
+                                          "baseline_sketch/correct": sketch.astype(float)})
+        # validation prefers dw, although sketch is better on test: the bar is chosen on validation
+        runs.append({"val/baseline_dw/acc": 0.9, "val/baseline_sketch/acc": 0.5})
+        dirs.append(d)
+    got = compare.paired_difference(runs, dirs, task, n_boot=500)
+    want = np.mean([np.load(d / "test_items.npz")["model/correct"].mean() - np.load(d / "test_items.npz")["baseline_dw/correct"].mean()
+                    for d in dirs])
+    assert got["diff"] == pytest.approx(want) and 0 < got["ci"][0] < want < got["ci"][1]
+    # the same items against themselves: no difference, and a CI of width 0 (the resampling is paired)
+    for d in dirs:
+        np.savez(d / "test_items.npz", **{"model/correct": np.ones(50), "baseline_dw/correct": np.ones(50)})
+    assert compare.paired_difference(runs, dirs, task, n_boot=50) == {"diff": 0.0, "ci": [0.0, 0.0]}
 
 
 def runpy_module(relative: str):

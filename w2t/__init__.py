@@ -28,7 +28,7 @@ _PUBLIC = {
     "load_pretrained": "w2t.models",
     **{name: "w2t.errors" for name in (
         "AdapterFormatError", "AdapterNotFoundError", "CollectionError", "InvalidValueError", "MissingFactorError",
-        "NoLoraKeysError", "PickleRefusedError", "SchemaError", "ShapeMismatchError", "W2TError")},
+        "NoLoraKeysError", "PickleRefusedError", "RankLimitError", "SchemaError", "ShapeMismatchError", "W2TError")},
 }
 __all__ = sorted(_PUBLIC)
 

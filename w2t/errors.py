@@ -32,6 +32,10 @@ class ShapeMismatchError(W2TError):
     """Factor shapes disagree (B's columns vs A's rows, conv kernels, a config's `r`)."""
 
 
+class RankLimitError(W2TError):
+    """An exact factorization (LoHa, LoKr) is wider than the `max_rank` it was read with."""
+
+
 class InvalidValueError(W2TError):
     """NaN/Inf values or a non-floating dtype."""
 

@@ -3,9 +3,9 @@
 QR of B and Aᵀ reduces the problem to the SVD of an r×r core, so the cost is O((m+n)·r²).
 The thin QRs come from Gram matrices and Cholesky (CholeskyQR, a second pass, CholeskyQR2, when a
 factor is not well conditioned, Householder QR when even that is not accurate): batched matmuls
-over all modules of one shape, in float64, and Q is never formed — U and V are one batched
-r×r·r×m product each. Only two passes over each m×r panel are unavoidable (its Gram matrix, then
-the product); everything else is r×r work. See `canonicalize` for the accuracy rule.
+over the modules of one shape (a chunk at a time), in float64, and Q is never formed — U and V
+are one batched r×r·r×m product each. Only two passes over each m×r panel are unavoidable (its Gram
+matrix, then the product); everything else is r×r work. See `canonicalize` for the accuracy rule.
 Every factorization (B·G, G⁻¹·A), G ∈ GL(r), of the same ΔW gives the same result up to the
 three leftovers handled here:
 
@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+from w2t.canon.dora import module_features
 
 if TYPE_CHECKING:
     from w2t.io.adapter import Adapter
 
-CANON_VERSION = 1  # bump when anything below changes the tokens; cache keys include it
+CANON_VERSION = 2  # bump when anything below changes the tokens; cache keys include it
 DEFAULT_RTOL = 1e-6
 
 
@@ -71,7 +74,7 @@ def canonicalize(
     Works on one module or a batch of same-shaped modules in one call (batched QR/SVD), on the
     device the factors live on. Computes in float64 and returns float64. `U` and `V` are returned
     as transposed views of contiguous (…, r, m) and (…, r, n) tensors (rows uᵢ, vᵢ contiguous, as
-    tokens want them).
+    tokens want them). The factors may have any strides (matmuls read transposed operands in place).
 
     `method="auto"` takes the thin QRs from Gram matrices and Cholesky (batched matmuls only, no
     Q formed): one pass when every factor of the batch is well conditioned (κ ≤ 100), else
@@ -83,33 +86,15 @@ def canonicalize(
         raise ValueError(f"canonicalize: need A (…, r, n) and B (…, m, r); got {tuple(A.shape)} and {tuple(B.shape)}")
     if method not in ("auto", "householder"):
         raise ValueError(f"canonicalize: method must be 'auto' or 'householder', got {method!r}")
-    # Everything below works on the "wide" layouts A (k, r, n) and Bᵀ (k, r, m): Gram matrices and
-    # products of r×r matrices with r×m panels are the fastest batched-matmul shapes on CPU, and
-    # rows uᵢ, vᵢ come out contiguous. Pass B as `Bt.mT` (a view) to avoid any transposing copy.
-    # Factors stored in a lower precision (bf16, float32) are converted to float64 (exactly) a few
-    # modules at a time, in cache, where the math needs them; they are never copied whole.
     A = A if A.is_floating_point() else A.to(torch.float64)
     B = B if B.is_floating_point() else B.to(torch.float64)
-    s = torch.as_tensor(scale, dtype=torch.float64, device=A.device)
     batch = A.shape[:-2]
     k = math.prod(batch)  # 1 for a single module
+    s = torch.as_tensor(scale, dtype=torch.float64, device=A.device)
     s = s.reshape(s.shape + (1, 1)).expand(*batch, 1, 1).reshape(k, 1, 1)  # broadcast over the r×r core
-    At, Bt = A.reshape(k, *A.shape[-2:]), B.mT.reshape(k, B.shape[-1], B.shape[-2])
-
-    if method == "householder":
-        Lb, Yb, La, Ya, S = _svd_householder(At.to(torch.float64), Bt.to(torch.float64), s, rtol)
-        fix = None
-    else:
-        Lb, Yb, La, Ya, S, ok = _svd_cholqr(At, Bt, s, rtol)
-        fix = None
-        if not bool(ok.all()):  # redo, by Householder QR, the modules the Gram QR cannot handle
-            bad = (~ok).nonzero().squeeze(-1)
-            fix = bad, *_svd_householder(At[bad].to(torch.float64), Bt[bad].to(torch.float64), s[bad], rtol)
-            S[bad] = fix[-1]
-    Ut, Vt = _products(Lb, Yb, La, Ya, fix, sign_rule)
-
-    mask = _mask_factor(S, rtol) > 0
-    S = S * mask.to(S.dtype)  # masked components of U, V are already exactly zero (_mask_factor)
+    # Both sides as "tall" factors X (k, m, r): B, and Aᵀ (a view)
+    Ut, S, Vt, mask = _canonicalize(_Panels(A.reshape(k, *A.shape[-2:]).mT), _Panels(B.reshape(k, *B.shape[-2:])),
+                                    s, rtol, sign_rule, method)
     return CanonicalForm(
         U=Ut.reshape(*batch, *Ut.shape[-2:]).transpose(-1, -2),
         S=S.reshape(*batch, S.shape[-1]),
@@ -118,49 +103,138 @@ def canonicalize(
     )
 
 
-# Uᵀ = Cb·Yb and Vᵀ = Ca·Ya are formed a few modules at a time into a small reused buffer that stays
-# in cache while the chunk's cubes are summed; the sign-corrected chunk is then written to the
-# output once. Every output byte is written exactly once and no large temporary is allocated
-# (fresh pages cost as much as a memory pass on a VM). With several intra-op threads every op is a
-# parallel region ending in a barrier, so there few large chunks win (measured on 2 shared cores:
-# 2 MiB chunks are best with 1 thread, 32 MiB ones with 2, where small chunks cost 3×).
+def _canonicalize(Pa: _Panels, Pb: _Panels, s: torch.Tensor, rtol: float, sign_rule: bool, method: str):
+    """Uᵀ (k, r, m), S (k, r), Vᵀ (k, r, n), mask (k, r) of ΔW = s·B·A for the factors X_B = B and X_A = Aᵀ."""
+    if method == "householder":
+        Lb, Qb, La, Qa, S = _svd_householder(Pa.whole(), Pb.whole(), s, rtol)
+        Yb, Ya, fix = _Panels(Qb), _Panels(Qa), None
+    else:
+        Lb, Yb, La, Ya, S, ok = _svd_cholqr(Pa, Pb, s, rtol)
+        fix = None
+        if not bool(ok.all()):  # redo, by Householder QR, the modules the Gram QR cannot handle
+            bad = (~ok).nonzero().squeeze(-1)
+            fix = bad, *_svd_householder(Pa.take(bad), Pb.take(bad), s[bad], rtol)
+            S[bad] = fix[-1]
+    Ut, Vt = _products(Lb, Yb, La, Ya, fix, sign_rule)
+    mask = _mask_factor(S, rtol) > 0
+    S = S * mask.to(S.dtype)  # masked components of U, V are already exactly zero (_mask_factor)
+    return Ut, S, Vt, mask
+
+
+# The passes over the m×r panels (the Gram matrices, then the products) run a few modules at a time:
+# factors stored in a lower precision (bf16, float32) are converted to float64 (exactly) into a small
+# reused buffer that stays in cache, and Uᵀ, Vᵀ are formed straight into the output, where the
+# chunk's cubes (the sign rule) and flips find them still in cache. Every output byte is written
+# once, no float64 copy of all the factors is made and no large temporary is allocated (fresh pages
+# cost as much as a memory pass on a VM). With several intra-op threads every op is a parallel region
+# ending in a barrier, and on a loaded machine each one waits for descheduled peers: there a bucket
+# is one chunk (converted to float64 once, then each pass is one batched op). Measured on 2 shared
+# cores (load ~5): with 1 thread 2–4 MiB chunks are best (whole buckets cost 1.5×); with 2 threads
+# whole buckets are (16 MiB chunks cost 1.6–1.9×, 4 MiB ones 1.8×).
 _CHUNK_BYTES = 2 << 20
-_CHUNK_BYTES_THREADED = 32 << 20
+_CHUNK_BYTES_THREADED = 1 << 40  # whole buckets
 
 
 def _chunk_bytes() -> int:
     return _CHUNK_BYTES if torch.get_num_threads() == 1 else _CHUNK_BYTES_THREADED
 
 
-def _products(Lb, Yb, La, Ya, fix, sign_rule):
-    """Uᵀ (k, r, m) = Lb @ Yb and Vᵀ (k, r, n) = La @ Ya, then the rows of `fix`, then the sign rule."""
+class _Panels:
+    """The k factors X (m, r) of one side of a batch (B, or Aᵀ), handed out in float64 a chunk at a time.
+
+    `src` is a (k, m, r) tensor of any float dtype and strides (`A.mT` is a view), or a list of k
+    matrices of one shape: the modules' own factors, X = mat (`transposed=False`) or mat.mT, never
+    stacked in their own dtype. Stacked float64 factors are used in place; anything else is converted
+    chunk by chunk into a reused buffer, or, when one chunk holds them all, once (`convert`).
+    """
+
+    def __init__(self, src: torch.Tensor | list[torch.Tensor], transposed: bool = False):
+        if isinstance(src, torch.Tensor):
+            self.x, self.mats, self.transposed = src, None, False
+            self.k, self.m, self.r = src.shape
+            self.dtype, self.device = src.dtype, src.device
+        else:
+            self.x, self.mats, self.transposed = None, src, transposed
+            self.k = len(src)
+            self.m, self.r = src[0].shape[::-1] if transposed else src[0].shape
+            self.dtype, self.device = src[0].dtype, src[0].device
+            for mat in src[1:]:
+                self.dtype = torch.promote_types(self.dtype, mat.dtype)
+
+    @property
+    def in_place(self) -> bool:
+        return self.x is not None and self.dtype == torch.float64
+
+    def step(self, bytes_per_module: int) -> int:
+        """Modules per chunk: as many as `_chunk_bytes()` holds, at least 1, at most k."""
+        return max(1, min(self.k, _chunk_bytes() // bytes_per_module))
+
+    def buffer(self, step: int) -> torch.Tensor | None:
+        """The conversion buffer for `chunk` (None when the factors are used in place)."""
+        if self.in_place:
+            return None
+        if self.x is not None:  # same strides as the factors: the conversion reads them in order
+            return torch.empty_like(self.x[:step], dtype=torch.float64)
+        return torch.empty((step, *self.mats[0].shape), dtype=torch.float64, device=self.device)
+
+    def chunk(self, i: int, j: int, buf: torch.Tensor | None) -> torch.Tensor:
+        """X of modules i … i+j−1 in float64, (j, m, r)."""
+        if buf is None:
+            return self.x[i : i + j]
+        if self.x is not None:
+            return buf[:j].copy_(self.x[i : i + j])
+        x = torch.stack(self.mats[i : i + j], out=buf[:j])  # converts while stacking, one pass
+        return x.mT if self.transposed else x
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """X of the modules `idx` (an index tensor), float64 (len(idx), m, r)."""
+        if self.x is not None:
+            return self.x[idx].to(torch.float64)
+        x = torch.stack([self.mats[i] for i in idx.tolist()]).to(torch.float64)
+        return x.mT if self.transposed else x
+
+    def whole(self) -> torch.Tensor:
+        """X of every module in float64 (k, m, r); a copy unless stacked float64 already."""
+        if self.in_place:
+            return self.x
+        if self.x is not None:
+            return self.x.to(torch.float64)
+        # Stack, then convert: one op each. stack(out=float64) would convert module by module, one
+        # parallel region each with several threads, which is far slower on a loaded machine.
+        x = torch.stack(self.mats).to(torch.float64)
+        return x.mT if self.transposed else x
+
+    def convert(self) -> None:
+        """From now on, hold X as one float64 tensor (for the passes that would each convert it whole)."""
+        if not self.in_place:
+            self.x, self.mats, self.transposed, self.dtype = self.whole(), None, False, torch.float64
+
+
+def _products(Lb, Yb: _Panels, La, Ya: _Panels, fix, sign_rule):
+    """Uᵀ (k, r, m) = Lb @ Ybᵀ and Vᵀ (k, r, n) = La @ Yaᵀ, the rows of `fix`, and the sign rule."""
     k, r = Lb.shape[:2]
-    m, n = Yb.shape[-1], Ya.shape[-1]
+    m, n = Yb.m, Ya.m
     Ut = Lb.new_empty(k, r, m)  # float64, like Lb and La
     Vt = La.new_empty(k, r, n)
-    if not sign_rule or fix is not None:
-        torch.matmul(Lb, Yb.to(torch.float64), out=Ut)
-        torch.matmul(La, Ya.to(torch.float64), out=Vt)
-        if fix is not None:
-            bad, lb, yb, la, ya, _ = fix
-            Ut[bad], Vt[bad] = lb @ yb, la @ ya
-        if sign_rule:
-            _apply_sign_rule_(Ut, Vt)
-        return Ut, Vt
-    step = max(1, min(k, _chunk_bytes() // (8 * r * (m + n))))
-    su, sv, cube = Ut.new_empty(step, r, m), Vt.new_empty(step, r, n), Ut.new_empty(step * r * max(m, n))
-    # factors still in their storage dtype (one-pass Gram QR) are converted chunk by chunk, in cache
-    yb = None if Yb.dtype == torch.float64 else Ut.new_empty(step, r, m)
-    ya = None if Ya.dtype == torch.float64 else Vt.new_empty(step, r, n)
+    step = Yb.step(8 * r * (m + n))
+    yb, ya = Yb.buffer(step), Ya.buffer(step)
+    cube = Ut.new_empty(step * r * max(m, n)) if sign_rule else None
     for i in range(0, k, step):  # a loop over chunks of modules, not over modules
-        c, j = slice(i, i + step), min(k, i + step) - i
-        u = torch.matmul(Lb[c], Yb[c] if yb is None else yb[:j].copy_(Yb[c]), out=su[:j])
-        v = torch.matmul(La[c], Ya[c] if ya is None else ya[:j].copy_(Ya[c]), out=sv[:j])
-        d = torch.mul(u, u, out=cube[: u.numel()].view(u.shape)).mul_(u).sum(-1)
-        d += torch.mul(v, v, out=cube[: v.numel()].view(v.shape)).mul_(v).sum(-1)
-        flip = torch.where(d < 0, -1.0, 1.0).to(u.dtype).unsqueeze(-1)
-        torch.mul(u, flip, out=Ut[c])
-        torch.mul(v, flip, out=Vt[c])
+        j = min(k, i + step) - i
+        u = torch.matmul(Lb[i : i + j], Yb.chunk(i, j, yb).mT, out=Ut[i : i + j])
+        v = torch.matmul(La[i : i + j], Ya.chunk(i, j, ya).mT, out=Vt[i : i + j])
+        if sign_rule:  # the chunk is still in cache: dᵢ, then the flips, in place
+            d = torch.pow(u, 3, out=cube[: u.numel()].view(u.shape)).sum(-1)
+            d += torch.pow(v, 3, out=cube[: v.numel()].view(v.shape)).sum(-1)
+            flip = torch.where(d < 0, -1.0, 1.0).to(u.dtype).unsqueeze(-1)
+            u.mul_(flip)
+            v.mul_(flip)
+    if fix is not None:
+        bad, lb, yb_bad, la, ya_bad, _ = fix
+        u, v = lb @ yb_bad.mT, la @ ya_bad.mT
+        if sign_rule:
+            _apply_sign_rule_(u, v)
+        Ut[bad], Vt[bad] = u, v
     return Ut, Vt
 
 
@@ -173,7 +247,7 @@ def _apply_sign_rule_(Ut: torch.Tensor, Vt: torch.Tensor) -> None:
 
 def _deciding_quantity_t(Ut: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
     """dᵢ = Σ uᵢ³ + Σ vᵢ³ for Uᵀ (k, r, m) and Vᵀ (k, r, n) (the rule of the module docstring)."""
-    return Ut.square().mul_(Ut).sum(-1) + Vt.square().mul_(Vt).sum(-1)
+    return Ut.pow(3).sum(-1) + Vt.pow(3).sum(-1)
 
 
 def _mask_factor(S: torch.Tensor, rtol: float) -> torch.Tensor:
@@ -182,16 +256,20 @@ def _mask_factor(S: torch.Tensor, rtol: float) -> torch.Tensor:
     return ((S > rtol * top) & (top > 0)).to(S.dtype)
 
 
-def _svd_householder(A64, Bt64, s, rtol):
-    """Reference path: Householder QR of B and Aᵀ and SVD of the core.
+def _svd_householder(Xa, Xb, s, rtol):
+    """Reference path: Householder QR of X_B = B and X_A = Aᵀ (float64 (k, ·, r)) and SVD of the core.
 
-    Returns (Cb, Yb, Ca, Ya, S) with Uᵀ = Cb @ Yb = U'ᵀ Q_Bᵀ and Vᵀ = Ca @ Ya = V'ᵀ Q_Aᵀ.
+    Returns (Cb, Q_B, Ca, Q_A, S) with Uᵀ = Cb @ Q_Bᵀ = U'ᵀ Q_Bᵀ and Vᵀ = Ca @ Q_Aᵀ = V'ᵀ Q_Aᵀ.
     """
-    Q_B, R_B = torch.linalg.qr(Bt64.mT)  # (k, m, r), (k, r, r)
-    Q_A, R_A = torch.linalg.qr(A64.mT)  # (k, n, r), (k, r, r)
-    Uc, S, Vch = torch.linalg.svd(s * (R_B @ R_A.mT))  # descending S
+    Q_B, R_B = torch.linalg.qr(Xb)  # (k, m, p), (k, p, r) with p = min(m, r)
+    Q_A, R_A = torch.linalg.qr(Xa)  # (k, n, q), (k, q, r) with q = min(n, r)
+    Uc, S, Vch = torch.linalg.svd(s * (R_B @ R_A.mT), full_matrices=False)  # descending S, min(p, q) of them
+    # a rank above min(m, n) (a 1-channel conv, a zero-padded factor) has r − min(p, q) exactly-zero components
+    extra = Xb.shape[-1] - S.shape[-1]
+    Ct, Ca = F.pad(Uc.mT, (0, 0, 0, extra)), F.pad(Vch, (0, 0, 0, extra))  # (k, r, p), (k, r, q)
+    S = F.pad(S, (0, extra))
     f = _mask_factor(S, rtol).unsqueeze(-1)  # masked components come out exactly zero
-    return Uc.mT * f, Q_B.mT, Vch * f, Q_A.mT, S
+    return Ct * f, Q_B, Ca * f, Q_A, S
 
 
 # A Gram (Cholesky) QR done once leaves Q orthogonal to about √m·ε·κ(X)²; we accept one pass when
@@ -204,68 +282,68 @@ _ONE_PASS_KAPPA = 100.0
 _CHOLQR_TOL = 1e-2
 
 
-def _chunks64(Xt: torch.Tensor):
-    """(slice, float64 chunk of Xt) a few modules at a time; lower precisions go through one buffer."""
-    k, r, m = Xt.shape
-    step = max(1, min(k, _chunk_bytes() // (8 * r * m)))
-    buf = None if Xt.dtype == torch.float64 else Xt.new_empty(step, r, m, dtype=torch.float64)
-    for i in range(0, k, step):
-        c = slice(i, i + step)
-        yield c, (Xt[c] if buf is None else buf[: min(k, i + step) - i].copy_(Xt[c]))
-
-
-def _gram64(Xt: torch.Tensor) -> torch.Tensor:
-    """X Xᵀ per module, in float64, for Xt (k, r, m) of any float dtype."""
-    if Xt.dtype == torch.float64:
-        return Xt @ Xt.mT
-    G = Xt.new_empty(Xt.shape[0], Xt.shape[1], Xt.shape[1], dtype=torch.float64)
-    for c, x in _chunks64(Xt):
-        torch.matmul(x, x.mT, out=G[c])
+def _gram64(X: _Panels) -> torch.Tensor:
+    """XᵀX per module (k, r, r), in float64: chunk by chunk, or in one batched matmul when one chunk holds all."""
+    step = X.step(8 * X.r * X.m)
+    if step == X.k:  # one chunk: convert once, and the products (and a second pass) reuse it
+        X.convert()
+    if X.in_place:
+        return X.x.mT @ X.x
+    G = torch.empty(X.k, X.r, X.r, dtype=torch.float64, device=X.device)
+    buf = X.buffer(step)
+    for i in range(0, X.k, step):
+        j = min(X.k, i + step) - i
+        x = X.chunk(i, j, buf)
+        torch.matmul(x.mT, x, out=G[i : i + j])
     return G
 
 
-def _gram_qr(Xt: torch.Tensor):
-    """Thin QR X = Q R of X = Xtᵀ, Xt (k, r, m) of any float dtype, by Gram/Cholesky in float64.
+def _gram_qr(X: _Panels):
+    """Thin QR X = Q R, by Gram/Cholesky in float64, of the k factors X (m, r).
 
-    Returns (Yt, R, L, ok) with Qᵀ = L⁻¹ Yt (L lower triangular r×r): Yt is Xt itself after one
-    pass (when every module of the batch is well conditioned), or Q₁ᵀ = L₁⁻¹ Xt after the second
+    Returns (Y, R, L, ok) with Q = Y L⁻ᵀ (L lower triangular r×r): Y is X itself after one pass
+    (when every module of the batch is well conditioned), or Q₁ = X L₁⁻ᵀ after the second
     (CholeskyQR2); ok (k,) is False where the result is not trustworthy (see _CHOLQR_TOL).
     """
-    eye = torch.eye(Xt.shape[-2], dtype=torch.float64, device=Xt.device)
-    L1, info1 = torch.linalg.cholesky_ex(_gram64(Xt))  # XᵀX = L₁L₁ᵀ, R₁ = L₁ᵀ
+    eye = torch.eye(X.r, dtype=torch.float64, device=X.device)
+    L1, info1 = torch.linalg.cholesky_ex(_gram64(X))  # XᵀX = L₁L₁ᵀ, R₁ = L₁ᵀ
     ok = info1 == 0
     if not bool(ok.all()):
         L1[~ok] = eye  # finite placeholder; these modules are redone by the caller
     L1inv = torch.linalg.solve_triangular(L1, eye, upper=False)
-    kappa_f = torch.linalg.matrix_norm(L1) * torch.linalg.matrix_norm(L1inv)  # ≥ κ₂(X)
-    if bool((ok & (kappa_f <= _ONE_PASS_KAPPA)).all()):
-        return Xt, L1.mT, L1, ok  # Xt may still be in its storage dtype
-    Q1t = torch.linalg.solve_triangular(L1, Xt.to(torch.float64), upper=False)  # L₁⁻¹ Xt = (X R₁⁻¹)ᵀ, backward stable
+    kappa_f = torch.linalg.matrix_norm(L1) * torch.linalg.matrix_norm(L1inv)  # ≥ κ₂(X); r for placeholders
+    if bool((kappa_f <= _ONE_PASS_KAPPA).all()):
+        return X, L1.mT, L1, ok  # X may still be in its storage dtype
+    Q1t = torch.linalg.solve_triangular(L1, X.whole().mT, upper=False)  # L₁⁻¹ Xᵀ = (X R₁⁻¹)ᵀ, backward stable
     G2 = Q1t @ Q1t.mT
     L2, info2 = torch.linalg.cholesky_ex(G2)
     ok &= (info2 == 0) & ((G2 - eye).abs().amax((-2, -1)) <= _CHOLQR_TOL)  # NaN fails too
     if not bool(ok.all()):
         L2[~ok] = eye
-    return Q1t, L2.mT @ L1.mT, L2, ok  # R = R₂ R₁
+    return _Panels(Q1t.mT), L2.mT @ L1.mT, L2, ok  # R = R₂ R₁
 
 
-def _svd_cholqr(At, Bt, s, rtol):
-    """Gram-QR path: (Cb, Yb, Ca, Ya, S, ok) with Uᵀ = Cb @ Yb, Vᵀ = Ca @ Ya, ok (k,) as in _gram_qr.
+def _svd_cholqr(Pa: _Panels, Pb: _Panels, s, rtol):
+    """Gram-QR path: (Cb, Yb, Ca, Ya, S, ok) with Uᵀ = Cb @ Ybᵀ, Vᵀ = Ca @ Yaᵀ, ok (k,) as in _gram_qr.
 
-    Uᵀ = U'ᵀ Q_Bᵀ = (L_B⁻ᵀ U')ᵀ Y_B and Vᵀ = (L_A⁻ᵀ V')ᵀ Y_A: one batched r×r·r×m matmul per side.
+    Uᵀ = U'ᵀ Q_Bᵀ = (L_B⁻ᵀ U')ᵀ Y_Bᵀ and Vᵀ = (L_A⁻ᵀ V')ᵀ Y_Aᵀ: one batched r×r·r×m matmul per side.
     """
-    Ybt, Rb, Lb, okb = _gram_qr(Bt)
-    Yat, Ra, La, oka = _gram_qr(At)
+    Yb, Rb, Lb, okb = _gram_qr(Pb)
+    Ya, Ra, La, oka = _gram_qr(Pa)
     Uc, S, Vch = torch.linalg.svd(s * (Rb @ Ra.mT))  # descending S
     f = _mask_factor(S, rtol).unsqueeze(-2)  # masked components come out exactly zero
     Cb = torch.linalg.solve_triangular(Lb.mT, Uc * f, upper=True)  # L⁻ᵀ U'
     Ca = torch.linalg.solve_triangular(La.mT, Vch.mT * f, upper=True)  # L⁻ᵀ V'
-    return Cb.mT, Ybt, Ca.mT, Yat, S, okb & oka
+    return Cb.mT, Yb, Ca.mT, Ya, S, okb & oka
 
 
 @dataclass
 class CanonicalModule:
-    """Canonical tokens of one module: r components (uᵢ, σᵢ, vᵢ) and their mask."""
+    """Canonical tokens of one module: r components (uᵢ, σᵢ, vᵢ), their mask, and module features.
+
+    `features` (MODULE_FEATURES,) describe what is not a rank component: DoRA's magnitude vector
+    (w2t/canon/dora.py); all zero for a plain LoRA module.
+    """
 
     module_type: str
     layer: int
@@ -273,6 +351,7 @@ class CanonicalModule:
     S: torch.Tensor  # (r,)
     V: torch.Tensor  # (n, r)
     mask: torch.Tensor  # (r,) bool
+    features: torch.Tensor | None = None  # (MODULE_FEATURES,); None reads as zeros
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -280,13 +359,12 @@ class CanonicalModule:
 
 
 def _stack(mats: list[torch.Tensor], device) -> torch.Tensor:
-    """Stack in the factors' own (promoted) dtype, in one C++ call; canonicalize converts to float64
-    chunk by chunk, so the float64 copy of the factors is never materialized."""
+    """Stack on `device` in the factors' own (promoted) dtype, in one C++ call (the non-CPU path)."""
     dtype = mats[0].dtype
     for m in mats[1:]:
         dtype = torch.promote_types(dtype, m.dtype)
     out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=device)
-    return torch.stack([m.to(device) for m in mats] if device is not None else mats, out=out)
+    return torch.stack([m.to(device) for m in mats], out=out)
 
 
 def canonicalize_adapter(
@@ -301,21 +379,27 @@ def canonicalize_adapter(
 
     Modules of one type share a shape, so a transformer adapter costs a handful of batched
     Gram/Cholesky/SVD calls instead of one per module; the per-module work left in Python is
-    building the result list (views into the batched outputs). Factors are stacked in their own dtype
-    and converted to float64 in cache, chunk by chunk (pass `load_adapter(..., dtype=torch.bfloat16)`
-    for bf16 files to skip load_adapter's float32 copy). `method` as in `canonicalize`.
+    building the result list (views into the batched outputs). On the CPU (`device` None or "cpu")
+    the factors are read where they are, in their own dtype, a few modules at a time (converted to
+    float64 in cache) and never stacked whole; on another device they are stacked there, in their
+    own dtype, and the results come back to the CPU. `method` as in `canonicalize`.
     """
+    on_cpu = device is None or torch.device(device).type == "cpu"
     buckets: dict[tuple[int, int, int], list[int]] = {}
     for i, mod in enumerate(adapter.modules):
         buckets.setdefault((*mod.shape, mod.rank), []).append(i)
     out: list[CanonicalModule | None] = [None] * len(adapter.modules)
     for idx in buckets.values():
         mods = [adapter.modules[i] for i in idx]
-        A = _stack([m.A for m in mods], device)  # (k, r, n)
-        B = _stack([m.B.mT for m in mods], device).mT  # (k, m, r), stored as (k, r, m)
-        scale = torch.tensor([m.scale for m in mods], dtype=torch.float64, device=A.device)
-        form = canonicalize(A, B, scale, rtol=rtol, sign_rule=sign_rule, method=method)
-        U, S, V, mask = (t.cpu() for t in (form.U, form.S, form.V, form.mask))
-        for j, (i, mod) in enumerate(zip(idx, mods)):
-            out[i] = CanonicalModule(mod.module_type, mod.layer, U[j], S[j], V[j], mask[j])
+        if on_cpu:  # X_A = Aᵀ and X_B = B, as the modules hold them
+            to = (lambda t: t) if device is None else (lambda t: t.to(device))
+            Pa, Pb = _Panels([to(m.A) for m in mods], transposed=True), _Panels([to(m.B) for m in mods])
+        else:
+            Pa = _Panels(_stack([m.A for m in mods], device).mT)  # views of (k, r, n)
+            Pb = _Panels(_stack([m.B.mT for m in mods], device).mT)  # views of (k, r, m)
+        scale = torch.tensor([m.scale for m in mods], dtype=torch.float64, device=Pa.device).reshape(-1, 1, 1)
+        Ut, S, Vt, mask = _canonicalize(Pa, Pb, scale, rtol, sign_rule, method)
+        U, S, V, mask = (t.cpu().unbind(0) for t in (Ut.mT, S, Vt.mT, mask))
+        for i, mod, u, sv, v, keep in zip(idx, mods, U, S, V, mask):
+            out[i] = CanonicalModule(mod.module_type, mod.layer, u, sv, v, keep, module_features(mod))
     return out  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from w2t.canon.canonical import DEFAULT_RTOL, CanonicalModule, canonicalize_adapter
+from w2t.canon.dora import module_features
 
 if TYPE_CHECKING:
     from w2t.io.adapter import Adapter
@@ -35,7 +36,7 @@ def raw_components(adapter: Adapter) -> list[CanonicalModule]:
         S = torch.where(mask, abs(mod.scale) * nb * na, 0.0)
         if mod.scale < 0:
             U = -U
-        out.append(CanonicalModule(mod.module_type, mod.layer, U, S, V, mask))
+        out.append(CanonicalModule(mod.module_type, mod.layer, U, S, V, mask, module_features(mod)))
     return out
 
 

@@ -51,8 +51,10 @@ class CacheOptions:
     rtol: float = DEFAULT_RTOL
     sign_rule: bool = True
     allow_pickle: bool = False
+    max_rank: int = 256  # LoHa/LoKr: the widest exact product read; a wider one fails (w2t/io/lycoris.py)
     representation: str = "canonical"  # or "raw" (w2t/canon/representation.py): the ablation models' input
     device: str | None = None  # where to canonicalize ("cuda"); not in the tag: tokens don't depend on it
+    base: str | None = None  # base model safetensors (file or folder): DoRA modules read exactly (w2t/io/dora.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -63,9 +65,18 @@ class CacheOptions:
     @property
     def tag(self) -> str:
         """The cache folder's name: every version stamp and option that shapes a token (not `device`)."""
-        key = {"reader": READER_VERSION, "keys": KEYS_VERSION, "canon": CANON_VERSION,
+        key = {"reader": READER_VERSION, "keys": KEYS_VERSION, "canon": CANON_VERSION, "base_files": _stamp(self.base),
                **{k: v for k, v in asdict(self).items() if k != "device"}}
         return f"v{CANON_VERSION}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+def _stamp(path: str | None) -> list | None:
+    """(name, size, mtime) of the base model's files: a changed base rebuilds the cache, without hashing GBs."""
+    if path is None:
+        return None
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.exists() else []
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
 
 
 @cache
@@ -107,6 +118,8 @@ def save_entry(target: Path, modules: list[CanonicalModule], dtype: torch.dtype)
         tensors[f"{i}.S"] = m.S.to(dtype).contiguous()
         tensors[f"{i}.V"] = m.V.to(dtype).contiguous()
         tensors[f"{i}.mask"] = m.mask.contiguous()
+        if m.features is not None:
+            tensors[f"{i}.F"] = m.features.to(torch.float32).contiguous()  # float32: small, and log-scaled
         meta.append([m.module_type, m.layer])
     atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={"modules": json.dumps(meta)}))
 
@@ -117,14 +130,15 @@ def load_entry(path: str | Path) -> list[CanonicalModule]:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["modules"])
     t = load_file(str(path))
-    return [CanonicalModule(typ, layer, t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"], t[f"{i}.mask"]) for i, (typ, layer) in enumerate(meta)]
+    return [CanonicalModule(typ, layer, t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"], t[f"{i}.mask"], t.get(f"{i}.F"))
+            for i, (typ, layer) in enumerate(meta)]
 
 
 def _build_one(args: tuple[str, str, str, CacheOptions]) -> tuple[str, str | None]:
     """Worker: read + canonicalize one adapter into its entry; returns (adapter_id, error)."""
     adapter_id, src, target, opts = args
     try:
-        adapter = load_adapter(src, allow_pickle=opts.allow_pickle)
+        adapter = load_adapter(src, allow_pickle=opts.allow_pickle, base=opts.base, max_rank=opts.max_rank)
         modules = adapter_components(adapter, opts.representation, rtol=opts.rtol, sign_rule=opts.sign_rule,
                                      device=opts.device)
         save_entry(Path(target), modules, DTYPES[opts.dtype])

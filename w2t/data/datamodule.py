@@ -1,4 +1,5 @@
-"""Lightning DataModule over a collection (docs/design.md §4) and its token cache.
+"""Lightning DataModule over a collection (docs/design.md §4) and its token cache, or over a collection
+exported as a datasets folder (w2t/data/hf.py), which holds the tokens itself.
 
 `setup` reads the metadata, canonicalizes what the cache lacks, splits (manifest into the run
 directory), fixes the token schema and encodes the label columns. Batches are grouped by module
@@ -18,12 +19,16 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 
+from w2t.canon.canonical import CanonicalModule
 from w2t.data.cache import CacheOptions, TokenCache, load_entry
 from w2t.data.collection import read_metadata, recorded_manifest
+from w2t.data.hf import ExportedCollection
 from w2t.zoo import ensure_collection
 from w2t.errors import CollectionError
 from w2t.data.splits import make_splits, write_manifest
 from w2t.data.tokens import TokenSchema, Tokens, collate_tokens, tokenize
+from w2t.io.adapter import Adapter
+from w2t.io.formats import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class AdapterDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str | None = None,
+        path: str | None = None,  # a collection exported as a datasets folder (data=hf): no adapter files
         collection: str = "digits",
         data_dir: str = "data",
         label_column: str | None = None,
@@ -87,6 +93,8 @@ class AdapterDataModule(L.LightningDataModule):
         representation: str = "canonical",
         strict: bool = False,
         allow_pickle: bool = False,
+        max_rank: int = 256,
+        base: str | None = None,
         cache_workers: int | None = None,
         eval_gallery: bool = False,
         batch_size: int = 32,
@@ -101,6 +109,7 @@ class AdapterDataModule(L.LightningDataModule):
         self.hp = self.hparams
         self._tokens: dict[int, Tokens] = {}
         self._modules: dict[int, list] = {}  # canonical modules read by setup, not yet tokenized
+        self.exported: ExportedCollection | None = None  # set by setup when reading a datasets folder
 
     # ---- setup -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -109,6 +118,8 @@ class AdapterDataModule(L.LightningDataModule):
         self._prepared = self._cached_table()
 
     def _root(self) -> Path:
+        if self.hp.path:
+            return Path(self.hp.path)
         if self.hp.root:
             return Path(self.hp.root)
         return ensure_collection(self.hp.collection, self.hp.data_dir)
@@ -121,13 +132,19 @@ class AdapterDataModule(L.LightningDataModule):
         with isolate_rng():
             return self._build_cached_table()
 
+    def cache_options(self) -> CacheOptions:
+        hp = self.hp
+        return CacheOptions(dtype=hp.cache_dtype, sign_rule=hp.sign_rule, allow_pickle=hp.allow_pickle,
+                            representation=hp.representation, base=hp.base, max_rank=hp.max_rank)
+
     def _build_cached_table(self):
         hp = self.hp
         root = self._root()
+        if hp.path:  # the tokens were cached when it was exported
+            exported = ExportedCollection(root, self.cache_options())
+            return root, exported.table, exported, exported.report
         table = read_metadata(root)
-        cache = TokenCache(hp.cache_dir or Path(hp.data_dir) / "cache",
-                           CacheOptions(dtype=hp.cache_dtype, sign_rule=hp.sign_rule, allow_pickle=hp.allow_pickle,
-                                        representation=hp.representation))
+        cache = TokenCache(hp.cache_dir or Path(hp.data_dir) / "cache", self.cache_options())
         report = cache.build(list(zip(table["adapter_id"].astype(str), table["abs_path"])), workers=hp.cache_workers,
                              strict=hp.strict)
         return root, table, cache, report
@@ -137,7 +154,8 @@ class AdapterDataModule(L.LightningDataModule):
             return
         hp = self.hp
         root, table, cache, report = self.__dict__.pop("_prepared", None) or self._cached_table()
-        self.cache_report = report
+        self.root, self.cache_report = root, report
+        self.exported = cache if isinstance(cache, ExportedCollection) else None
         if report.failed:
             log.warning("%d bad adapters skipped (listed in %s)", len(report.failed), cache.dir)
         table = table[table["adapter_id"].astype(str).isin(report.entries)].reset_index(drop=True)
@@ -148,7 +166,8 @@ class AdapterDataModule(L.LightningDataModule):
         self.splits = make_splits(table, method=hp.split, val_frac=hp.val_frac, test_frac=hp.test_frac, seed=hp.seed,
                                   stratify_column=hp.label_column, group_column=hp.group_column,
                                   split_column=hp.split_column)
-        self.collection_manifest = recorded_manifest(root)
+        self.collection_manifest = self.exported.manifest.get("collection_manifest") if self.exported \
+            else recorded_manifest(root)
         log.info("collection %s: %d adapters%s", root, len(table),
                  f", manifest {self.collection_manifest}" if self.collection_manifest else "")
         if hp.output_dir:
@@ -165,7 +184,7 @@ class AdapterDataModule(L.LightningDataModule):
             self.schema = TokenSchema.from_dict(hp.schema)
         else:
             # read every entry once here; tokens() consumes these instead of reading them again
-            self._modules = {row: load_entry(e) for row, e in enumerate(self.entries)}
+            self._modules = {row: self.modules(row) for row in range(len(self.entries))}
             self.schema = TokenSchema.from_modules(m for mods in self._modules.values() for m in mods)
         self.targets, self.info = self._encode_targets()
 
@@ -206,9 +225,22 @@ class AdapterDataModule(L.LightningDataModule):
         return targets, info
 
     # ---- items -------------------------------------------------------------------------------
+    def modules(self, row: int) -> list[CanonicalModule]:
+        """The canonical modules of table row `row`: its cache entry, or its row of the datasets folder."""
+        if (read := self._modules.pop(row, None)) is not None:
+            return read
+        return self.exported.modules(self.entries[row]) if self.exported else load_entry(self.entries[row])
+
+    def adapter(self, row: int) -> Adapter:
+        """The factors of table row `row` as its file gives them (re-factored scores, raw reads)."""
+        if self.exported:
+            return self.exported.adapter(self.entries[row])
+        return load_adapter(self.table.abs_path[row], allow_pickle=self.hp.allow_pickle, base=self.hp.base,
+                            max_rank=self.hp.max_rank)
+
     def tokens(self, row: int) -> Tokens:
         if row not in self._tokens:
-            modules = self._modules.pop(row, None) or load_entry(self.entries[row])
+            modules = self.modules(row)
             toks, unknown = tokenize(modules, self.schema, strict=False)
             if unknown:
                 log.warning("%s: modules outside the schema are masked: %s", self.entries[row], "; ".join(unknown))

@@ -13,9 +13,10 @@ from typing import Iterable
 import torch
 
 from w2t.canon.canonical import CanonicalModule
+from w2t.canon.dora import MODULE_FEATURES
 from w2t.errors import SchemaError
 
-Tokens = dict[str, dict[str, torch.Tensor]]  # group name -> {"u", "v", "s", "mask"}
+Tokens = dict[str, dict[str, torch.Tensor]]  # group name -> {"u", "v", "s", "mask", "f"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def tokenize(
             "v": torch.zeros(g.num_layers, g.max_rank, g.n, dtype=dtype),  # (L, R, n)
             "s": torch.zeros(g.num_layers, g.max_rank, dtype=dtype),  # (L, R)
             "mask": torch.zeros(g.num_layers, g.max_rank, dtype=torch.bool),  # (L, R)
+            "f": torch.zeros(g.num_layers, MODULE_FEATURES, dtype=torch.float32),  # (L, F) module features (DoRA)
         }
     unknown: list[str] = []
     taken: set[tuple[str, int]] = set()
@@ -115,13 +117,16 @@ def tokenize(
         t["v"][li, :r] = mod.V.T.to(dtype)
         t["s"][li, :r] = mod.S.to(dtype)
         t["mask"][li, :r] = mod.mask
+        if mod.features is not None:
+            t["f"][li] = mod.features.float()
     if unknown and strict:
         raise SchemaError("modules outside the schema: " + "; ".join(unknown), path=source)
     return out, unknown
 
 
 def _drop_masked_tail(mod: CanonicalModule, rank: int) -> CanonicalModule:
-    return CanonicalModule(mod.module_type, mod.layer, mod.U[:, :rank], mod.S[:rank], mod.V[:, :rank], mod.mask[:rank])
+    return CanonicalModule(mod.module_type, mod.layer, mod.U[:, :rank], mod.S[:rank], mod.V[:, :rank], mod.mask[:rank],
+                           mod.features)
 
 
 def collate_tokens(items: list[Tokens]) -> Tokens:

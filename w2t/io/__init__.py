@@ -1,1 +1,2 @@
-"""Reading: an adapter file or folder in (PEFT, kohya, diffusers), an `Adapter` of (A, B, scale) per module out."""
+"""Reading: an adapter file or folder in (PEFT, kohya, diffusers; LoRA, LoHa, LoKr), an `Adapter` of (A, B, scale) per
+module out."""

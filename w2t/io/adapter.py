@@ -9,7 +9,13 @@ import torch
 
 @dataclass
 class LoraModule:
-    """One adapted linear (or flattened conv) module: ΔW = scale · B @ A."""
+    """One adapted linear (or flattened conv) module: ΔW = scale · B @ A.
+
+    A DoRA module also has its magnitude vector m (one entry per output row). DoRA's update is
+    diag(c)·(W₀ + s·B·A) − W₀ with c = m/‖W₀ + s·B·A‖ (row norms), which needs the base weight W₀:
+    read with a base model, B already holds diag(c)·B, so scale·B·A is the exact rank-r part
+    diag(c)·s·B·A, and `magnitude_scale` keeps c (what diag(c − 1)·W₀ adds is summarized from it).
+    """
 
     name: str  # module path as written in the file, without the lora_A/lora_B suffix
     A: torch.Tensor  # (r, n)
@@ -17,6 +23,8 @@ class LoraModule:
     scale: float
     layer: int
     module_type: str
+    magnitude: torch.Tensor | None = None  # DoRA's m, flattened (m,)
+    magnitude_scale: torch.Tensor | None = None  # DoRA's c = m/‖W₀ + s·B·A‖ (m,), when the base was read
 
     @property
     def rank(self) -> int:
@@ -32,8 +40,8 @@ class LoraModule:
 class Adapter:
     """All LoRA modules of one adapter, ordered by (module_type, layer).
 
-    `extras` keeps tensors that are not LoRA factors (DoRA magnitudes, embedding LoRA,
-    `modules_to_save`), read deliberately and reported, never mixed into `modules`.
+    `extras` keeps tensors that are not LoRA factors or DoRA magnitudes (embedding LoRA,
+    `modules_to_save`, biases), read deliberately and reported, never mixed into `modules`.
     """
 
     path: Path

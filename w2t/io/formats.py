@@ -8,7 +8,9 @@ then only read with `torch.load(weights_only=True)`.
 Scale: a PEFT config gives `lora_alpha / r` (`/ sqrt(r)` with `use_rslora`), with `rank_pattern` and
 `alpha_pattern` resolved exactly as PEFT resolves them; a file without config uses its `.alpha` keys
 (`alpha / r`) or scale 1. Conv factors are flattened: down `[r, c_in, *k]` → `A (r, c_in·∏k)`, up
-`[c_out, r, 1, …]` → `B (c_out, r)` (Conv1d/2d/3d alike). Tensors that are not LoRA factors go to
+`[c_out, r, 1, …]` → `B (c_out, r)` (Conv1d/2d/3d alike). LoHa and LoKr modules (a PEFT folder with
+`peft_type` LOHA/LOKR, or LyCORIS' `hada_*`/`lokr_*` keys) are split off first and read by w2t/io/lycoris.py
+as exact products scale·B·A of rank at most `max_rank`. Tensors that are not factors go to
 `Adapter.extras` with a note. Every failure is a `W2TError` naming the file and the key.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from w2t.io.adapter import Adapter, LoraModule
+from w2t.io.dora import apply_base
 from w2t.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -37,8 +40,9 @@ from w2t.errors import (
     ShapeMismatchError,
 )
 from w2t.io.keys import parse_module_name, split_key, strip_wrapper
+from w2t.io.lycoris import DEFAULT_MAX_RANK, read_lycoris
 
-READER_VERSION = 2  # bump when a file reads to other factors or scales; token cache keys include it
+READER_VERSION = 3  # bump when a file reads to other factors or scales; token cache keys include it
 CONFIG_NAME = "adapter_config.json"
 # Looked for, in this order, inside a folder; `adapter_model.*` needs the PEFT config beside it.
 WEIGHT_FILES = (
@@ -50,11 +54,14 @@ WEIGHT_FILES = (
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt"})
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None) -> Adapter:
+def load_adapter(path: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None,
+                 base: str | Path | None = None, max_rank: int = DEFAULT_MAX_RANK) -> Adapter:
     """Read one adapter (a folder or a file) into an `Adapter` with modules sorted by (type, layer).
 
     `dtype=None` gives float32 factors (float64 files stay float64); `Adapter.dtype` keeps the
     storage dtype. `allow_pickle=True` admits `.bin`/`.pt` files, read with `weights_only=True` only.
+    `base` (the base model's safetensors file or folder) makes DoRA modules exact (w2t/io/dora.py).
+    `max_rank` bounds the rank of the exact LoHa/LoKr products; a wider one raises `RankLimitError`.
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -62,14 +69,21 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False, dtype: torch.d
     weights = _locate(source)
     tensors = _read_tensors(weights, allow_pickle)
     config = PeftLoraConfig.read(weights.with_name(CONFIG_NAME)) if weights.name.startswith("adapter_model.") else None
-    return _assemble(source, weights, tensors, config, dtype)
+    adapter = _assemble(source, weights, tensors, config, dtype, max_rank)
+    if base is not None:
+        apply_base(adapter, base, transposed=config is not None and config.fan_in_fan_out)
+    return adapter
 
 
 @dataclass(frozen=True)
 class PeftLoraConfig:
-    """The fields of PEFT's `LoraConfig` that decide the scale (defaults are PEFT's)."""
+    """The fields of PEFT's `LoraConfig` (or `LoHaConfig`, `LoKrConfig`) that decide the scale (defaults are PEFT's).
+
+    LoHa and LoKr configs name their alpha `alpha`; it is kept as `lora_alpha`, so scales resolve alike.
+    """
 
     path: Path
+    peft_type: str = "LORA"  # or LOHA, LOKR (w2t/io/lycoris.py)
     r: int = 8
     lora_alpha: float = 8
     use_rslora: bool = False
@@ -77,6 +91,9 @@ class PeftLoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False  # the base stores its weight as (in, out) (GPT-2's Conv1D)
+    use_effective_conv2d: bool = False  # LoHa/LoKr: Tucker cores on convs with a kernel
+    decompose_both: bool = False  # LoKr: w1 stored as w1_a·w1_b too
 
     @classmethod
     def read(cls, path: Path) -> PeftLoraConfig:
@@ -91,18 +108,24 @@ class PeftLoraConfig:
         if not isinstance(raw, dict):
             raise AdapterFormatError("the config is not a JSON object", path)
         peft_type = raw.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise AdapterFormatError(f"peft_type {peft_type!r} is not LoRA: ΔW is not scale·B·A", path, "peft_type")
+        if peft_type not in ("LORA", "LOHA", "LOKR"):
+            raise AdapterFormatError(f"peft_type {peft_type!r} is not LoRA, LoHa or LoKr: ΔW is not a low-rank "
+                                     "product w2t can read", path, "peft_type")
+        alpha_name = "lora_alpha" if peft_type == "LORA" else "alpha"
         try:
             config = cls(
                 path=path,
+                peft_type=peft_type,
                 r=_rank("r", raw.get("r", cls.r)),
-                lora_alpha=_alpha("lora_alpha", raw.get("lora_alpha", cls.lora_alpha)),
+                lora_alpha=_alpha(alpha_name, raw.get(alpha_name, cls.lora_alpha)),
                 use_rslora=bool(raw.get("use_rslora") or False),
                 rank_pattern={str(k): _rank(k, v) for k, v in (raw.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): _alpha(k, v) for k, v in (raw.get("alpha_pattern") or {}).items()},
                 modules_to_save=_names(raw.get("modules_to_save")),
                 init_lora_weights=raw.get("init_lora_weights", True),
+                fan_in_fan_out=bool(raw.get("fan_in_fan_out") or False),
+                use_effective_conv2d=bool(raw.get("use_effective_conv2d") or False),
+                decompose_both=bool(raw.get("decompose_both") or False),
             )
         except (TypeError, ValueError, AttributeError) as e:
             raise AdapterFormatError(f"malformed LoRA config ({e})", path) from None
@@ -233,11 +256,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 # --- from named tensors to modules -------------------------------------------------------------
 
-_DORA = "DoRA magnitude vector(s) kept in extras: scale·B·A alone misses DoRA's column renormalization"
 # First matching marker names the kind of a tensor that is not a LoRA factor.
 _EXTRA_MARKERS = (
-    ("lora_magnitude_vector", _DORA),
-    (".dora_scale", _DORA),
+    ("lora_magnitude_vector", "DoRA magnitude vector(s) of modules without LoRA factors kept in extras"),
+    (".dora_scale", "DoRA magnitude vector(s) of modules without LoRA factors kept in extras"),
     ("lora_embedding_", "embedding LoRA factor(s) kept in extras, not read as modules"),
     (".base_layer.", "saved base-layer weight(s) kept in extras (PEFT save_embedding_layers)"),
 )
@@ -259,21 +281,21 @@ def _extra_kind(key: str, config: PeftLoraConfig | None) -> str:
 def _group(
     path: Path, tensors: Mapping[str, torch.Tensor], config: PeftLoraConfig | None
 ) -> tuple[dict[str, dict[str, str]], dict[str, torch.Tensor]]:
-    """Factor (and kohya alpha) keys per module name, and every other tensor by its key."""
+    """Factor, DoRA magnitude (and kohya alpha) keys per module name, and every other tensor by its key."""
     groups: dict[str, dict[str, str]] = {}
     extras: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         module, role = split_key(key)
-        if role in ("A", "B") or (role == "alpha" and config is None):
+        if role in ("A", "B", "dora_magnitude") or (role == "alpha" and config is None):
             slot = groups.setdefault(module, {})
             if role in slot:
                 raise AdapterFormatError(f"a second '{role}' for module '{module}' (first: '{slot[role]}')", path, key)
             slot[role] = key
         else:
             extras[key] = tensor
-    for module in [m for m, slot in groups.items() if slot.keys() == {"alpha"}]:
-        key = groups.pop(module)["alpha"]
-        extras[key] = tensors[key]
+    for module in [m for m, slot in groups.items() if not slot.keys() & {"A", "B"}]:  # e.g. embedding DoRA
+        for key in groups.pop(module).values():
+            extras[key] = tensors[key]
     return groups, extras
 
 
@@ -349,7 +371,25 @@ def _module(
             raise ShapeMismatchError(f"the weights have rank {rank} but {CONFIG_NAME} gives r={r}", path, a_key)
         scale = config.scale(r, alpha)
     layer, module_type = parse_module_name(name)
-    return LoraModule(name=name, A=A, B=B, scale=scale, layer=layer, module_type=module_type)
+    magnitude = None
+    if (m_key := keys.get("dora_magnitude")) is not None:
+        magnitude = _magnitude(path, m_key, tensors[m_key], B.shape[0], tensors[a_key].shape[1])
+    return LoraModule(name=name, A=A, B=B, scale=scale, layer=layer, module_type=module_type, magnitude=magnitude)
+
+
+def _magnitude(path: Path, key: str, t: torch.Tensor, rows: int, channels: int) -> torch.Tensor:
+    """DoRA's magnitude as (rows, 1), one per output row (PEFT; kohya's default), or (1, c_in), one per
+    input channel (LyCORIS `wd_on_out=False`): the axis its norms are taken over."""
+    if not t.is_floating_point():
+        raise InvalidValueError(f"dtype {t.dtype} is not a floating-point dtype", path, key)
+    flat = t.reshape(-1).to(torch.float64)
+    _check_finite(path, key, flat)
+    if flat.numel() == rows and (t.ndim < 2 or t.shape[0] == rows or t.shape[1] == rows):
+        return flat.reshape(rows, 1)
+    if flat.numel() == channels and t.ndim >= 2 and t.shape[0] == 1:
+        return flat.reshape(1, channels)
+    raise ShapeMismatchError(f"DoRA magnitude of shape {tuple(t.shape)} fits neither the {rows} output rows "
+                             f"nor the {channels} input channels of its module", path, key)
 
 
 def _notes(extras: Mapping[str, torch.Tensor], modules: list[LoraModule], config: PeftLoraConfig | None) -> list[str]:
@@ -370,20 +410,24 @@ def _assemble(
     tensors: Mapping[str, torch.Tensor],
     config: PeftLoraConfig | None,
     dtype: torch.dtype | None,
+    max_rank: int = DEFAULT_MAX_RANK,
 ) -> Adapter:
     if not tensors:
         raise NoLoraKeysError("the file holds no tensors", path)
-    groups, extras = _group(path, tensors, config)
-    if not groups:
+    lycoris, left = read_lycoris(path, tensors, config, dtype, max_rank)
+    groups, extras = _group(path, left, config)
+    if not groups and not lycoris:
         sample = ", ".join(f"'{k}'" for k in list(tensors)[:3])
         raise NoLoraKeysError(
-            f"no LoRA factors (lora_A/lora_B, lora_down/lora_up) among {len(tensors)} keys, e.g. {sample}", path
+            f"no LoRA factors (lora_A/lora_B, lora_down/lora_up, LoHa hada_*, LoKr lokr_*) among {len(tensors)} "
+            f"keys, e.g. {sample}", path
         )
     modules = sorted(
-        (_module(path, name, keys, tensors, config, dtype) for name, keys in groups.items()),
+        [*(_module(path, name, keys, tensors, config, dtype) for name, keys in groups.items()), *lycoris],
         key=lambda m: (m.module_type, m.layer, m.name),
     )
-    storage = Counter(tensors[k].dtype for keys in groups.values() for role, k in keys.items() if role != "alpha")
+    storage = Counter(tensors[k].dtype for keys in groups.values() for role, k in keys.items() if role in ("A", "B"))
+    storage.update(tensors[k].dtype for k in tensors.keys() - left.keys() if split_key(k)[1] != "alpha")
     notes = _notes(extras, modules, config)
     if len(storage) > 1:
         notes.append(f"factors are stored in several dtypes: {', '.join(map(str, storage))}")

@@ -5,8 +5,10 @@ A tensor key is `<wrapper prefix><module name><factor suffix>`:
 * the factor suffix says the role: `.lora_A.weight` / `.lora_A.default.weight` / `.lora_down.weight` /
   diffusers' `.lora.down.weight`, `_lora.down.weight`, `.lora_linear_layer.down.weight` are `A`; the
   matching `B`/`up` names are `B`; `.alpha` is the kohya scale numerator; `.lora_magnitude_vector` and
-  kohya's `.dora_scale` are DoRA magnitudes; anything else (biases, embedding LoRA, saved base layers,
-  `modules_to_save`) is `other` and keeps its full key as its name;
+  kohya's `.dora_scale` are DoRA magnitudes; LyCORIS' LoHa and LoKr factors (`.hada_w1_a`, ...,
+  `.lokr_t2`, as PEFT and LyCORIS both write them) keep their own name as role (w2t/io/lycoris.py);
+  anything else (biases, embedding LoRA, saved base layers, `modules_to_save`) is `other` and keeps its
+  full key as its name;
 * the wrapper prefix `base_model.model.` that PEFT adds is not part of the module's identity.
 
 The module name then gives `(layer, module_type)`:
@@ -28,9 +30,13 @@ The module name then gives `(layer, module_type)`:
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
-Role = Literal["A", "B", "alpha", "dora_magnitude", "other"]
+LohaRole = Literal["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"]
+LokrRole = Literal["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]
+Role = Literal["A", "B", "alpha", "dora_magnitude", "other", LohaRole, LokrRole]
+LOHA_ROLES: tuple[LohaRole, ...] = get_args(LohaRole)
+LOKR_ROLES: tuple[LokrRole, ...] = get_args(LokrRole)
 
 KEYS_VERSION = 1  # bump when a key parses to another (layer, module type); token cache keys include it
 
@@ -58,6 +64,7 @@ _ROLE_SUFFIXES: tuple[tuple[str, Role], ...] = tuple(
             ".lora_magnitude_vector.weight": "dora_magnitude",
             ".lora_magnitude_vector": "dora_magnitude",
             ".dora_scale": "dora_magnitude",
+            **{f".{role}": role for role in (*LOHA_ROLES, *LOKR_ROLES)},
         }.items(),
         key=lambda item: -len(item[0]),
     )

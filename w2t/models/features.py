@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 
 from w2t.data.tokens import GroupSpec, TokenSchema, Tokens
@@ -90,7 +89,7 @@ def delta_w_features(tokens: Tokens, schema: TokenSchema, k: int = 48, seed: int
     return torch.cat(feats + (logs if norms else []), 1).float()
 
 
-def spectral_features(tokens: Tokens, schema: TokenSchema, top_k: int = 4) -> np.ndarray:
+def spectral_features(tokens: Tokens, schema: TokenSchema, top_k: int = 4) -> torch.Tensor:
     """(B, F) per module position: the top-k log σᵢ, log‖ΔW‖_F, log‖ΔW‖_*, the effective rank
     exp(H(σ²/Σσ²)), the stable rank ‖ΔW‖²_F/σ₁² and a presence flag; zeros where a module is absent."""
     feats = []
@@ -99,7 +98,7 @@ def spectral_features(tokens: Tokens, schema: TokenSchema, top_k: int = 4) -> np
         s = (t["s"].double() * t["mask"]).clamp_min(0)  # (B, L, R), descending
         present = t["mask"].any(-1)
         k = min(top_k, s.shape[-1])
-        top = torch.zeros(*s.shape[:-1], top_k, dtype=s.dtype)
+        top = torch.zeros(*s.shape[:-1], top_k, dtype=s.dtype, device=s.device)
         top[..., :k] = torch.log(s[..., :k] + 1e-8)
         fro2 = (s**2).sum(-1)
         p = s**2 / fro2.clamp_min(1e-30).unsqueeze(-1)
@@ -108,7 +107,7 @@ def spectral_features(tokens: Tokens, schema: TokenSchema, top_k: int = 4) -> np
         stats = torch.stack([0.5 * torch.log(fro2 + 1e-16), torch.log(s.sum(-1) + 1e-8), eff, stable], -1)
         f = torch.cat([top, stats], -1) * present.unsqueeze(-1)
         feats.append(torch.cat([f, present.unsqueeze(-1).double()], -1).flatten(1))
-    return torch.cat(feats, 1).numpy()
+    return torch.cat(feats, 1)
 
 
 def raw_features(adapter: Adapter, schema: TokenSchema) -> torch.Tensor:

@@ -145,12 +145,12 @@ class Encoder(nn.Module):
         return directory
 
     # ---- embedding -----------------------------------------------------------------------------
-    def adapter_tokens(self, path: str | Path, *, allow_pickle: bool = False) -> Tokens:
-        """Read → canonicalize → tokenize one adapter against this encoder's schema.
+    def adapter_tokens(self, path: str | Path, *, allow_pickle: bool = False, base: str | Path | None = None) -> Tokens:
+        """Read → canonicalize → tokenize one adapter against this encoder's schema (`base`: see `load_adapter`).
 
         Modules outside the schema are masked with a warning naming them; SchemaError when none fits.
         """
-        adapter = load_adapter(path, allow_pickle=allow_pickle)
+        adapter = load_adapter(path, allow_pickle=allow_pickle, base=base)
         modules = adapter_components(adapter, self.canon.representation, rtol=self.canon.rtol,
                                      sign_rule=self.canon.sign_rule)
         tokens, unknown = tokenize(modules, self.schema, strict=False, source=path)
@@ -175,14 +175,14 @@ class Encoder(nn.Module):
             self.train(was_training)
 
     def embed(self, paths: str | Path | Sequence[str | Path], *, batch_size: int = 32,
-              allow_pickle: bool = False) -> torch.Tensor:
+              allow_pickle: bool = False, base: str | Path | None = None) -> torch.Tensor:
         """Embeddings (N, d) of adapter files/folders, in order; the first unreadable adapter raises."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        out = [emb for _, emb in self._embed_batches(paths, batch_size, allow_pickle, on_error=None)]
+        out = [emb for _, emb in self._embed_batches(paths, batch_size, {"allow_pickle": allow_pickle, "base": base}, on_error=None)]
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     def embed_many(self, paths: Sequence[str | Path], ids: Sequence[str] | None = None, *,
-                   batch_size: int = 32, allow_pickle: bool = False) -> EmbedResult:
+                   batch_size: int = 32, allow_pickle: bool = False, base: str | Path | None = None) -> EmbedResult:
         """Embed a library: an adapter that fails is logged and listed in `failed`, the rest go on."""
         ids = [str(p) for p in paths] if ids is None else [str(i) for i in ids]
         if len(ids) != len(paths):
@@ -194,12 +194,13 @@ class Encoder(nn.Module):
             failed[ids[i]] = f"{type(error).__name__}: {error}"
 
         done, out = [], []
-        for idx, emb in self._embed_batches(list(paths), batch_size, allow_pickle, on_error=report):
+        for idx, emb in self._embed_batches(list(paths), batch_size, {"allow_pickle": allow_pickle, "base": base},
+                                            on_error=report):
             done += [ids[i] for i in idx]
             out.append(emb)
         return EmbedResult(torch.cat(out) if out else torch.empty(0, self.dim), done, failed)
 
-    def _embed_batches(self, paths: list[str | Path], batch_size: int, allow_pickle: bool,
+    def _embed_batches(self, paths: list[str | Path], batch_size: int, read: dict,
                        on_error: Callable[[int, W2TError], None] | None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield (indices, embeddings) batch by batch, so a library of any size never holds more than one
         batch of tokens. A failing adapter goes to `on_error` (None: raise)."""
@@ -209,7 +210,7 @@ class Encoder(nn.Module):
         items: list[Tokens] = []
         for i, path in progress(list(enumerate(paths)), "embedding adapters"):
             try:
-                items.append(self.adapter_tokens(path, allow_pickle=allow_pickle))
+                items.append(self.adapter_tokens(path, **read))
                 idx.append(i)
             except W2TError as e:
                 if on_error is None:

@@ -10,7 +10,8 @@ the rest is residual:
   with weights σᵢ/‖σ‖ gives Pᵤᵀ ΔŴ Pᵥ (k×k), a learned bilinear read-out of ΔŴ. It depends on ΔW
   only, so it is unchanged by sign flips, rank order and rotations among repeated σ (the
   leftovers of docs/design.md §2), and Pᵤ, Pᵥ start orthonormal, so at k ≥ max(m, n) it keeps all of ΔŴ.
-  σ also enters as log-scaled features: the update's size ‖ΔW‖ and its spectrum σᵢ/‖σ‖;
+  σ also enters as log-scaled features: the update's size ‖ΔW‖ and its spectrum σᵢ/‖σ‖; so do a
+  module's features (DoRA's magnitudes, w2t/canon/dora.py; zero for plain LoRA, so they add nothing there);
 * module level: one linear map per module *type* (shared by every layer), then a small binding
   matrix per position, so a mean over modules keeps which module said what;
 * adapter level: a module-level Transformer whose residual branches start at zero (the identity),
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from w2t.canon.dora import MODULE_FEATURES
 from w2t.models.features import bilinear_readout, orthonormal
 from w2t.models.layers import SigmaFeatures, pool_modules
 from w2t.models.pretrained import Encoder
@@ -66,6 +68,7 @@ class W2TEncoder(Encoder):
         if cfg.sigma_features:
             self.size = nn.ModuleList(SigmaFeatures(dm) for _ in schema.groups)
             self.spectrum = nn.ModuleList(SigmaFeatures(dm) for _ in schema.groups)
+        self.magnitude = nn.ModuleList(nn.Linear(MODULE_FEATURES, dm, bias=False) for _ in schema.groups)
         self.bind = nn.ParameterList(nn.Parameter(torch.randn(g.num_layers, dm, d) / dm**0.5) for g in schema.groups)
         if cfg.depth:
             layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
@@ -90,6 +93,7 @@ class W2TEncoder(Encoder):
         if self.config.sigma_features:
             m = t["mask"].unsqueeze(-1).to(x.dtype)
             x = x + self.size[i](norm) + (self.spectrum[i](w) * m).sum(2) / m.sum(2).clamp_min(1)  # mean over ranks
+        x = x + self.magnitude[i](t["f"])
         x = torch.einsum("blc,lcd->bld", x, self.bind[i])  # (B, L, d) bound to its position
         return x, present
 

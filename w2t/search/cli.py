@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -35,17 +36,18 @@ def _load_table(root: str):
 
 
 def _load_library(path: str):
-    """An embeddings file, or a datasets folder written with --format hf."""
+    """(embeddings, ids, metadata, the dataset or None) of an embeddings file or a datasets folder (--format hf)."""
     if not Path(path).is_dir():
         from w2t.search.index import load_embeddings
 
-        return load_embeddings(path)
+        return *load_embeddings(path), None
     import datasets
 
     from w2t.search.hub import library_from_dataset
 
     try:
-        return library_from_dataset(datasets.load_from_disk(path))
+        dataset = datasets.load_from_disk(path)
+        return *library_from_dataset(dataset), dataset
     except (FileNotFoundError, ValueError) as e:
         raise W2TError(f"not a datasets folder ({type(e).__name__}: {e})", path) from None
     except W2TError as e:
@@ -65,6 +67,7 @@ def embed_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt files (weights_only)")
+    ap.add_argument("--base", help="the base model's safetensors (file or folder): DoRA adapters read exactly")
     args = ap.parse_args(argv)
 
     from w2t.models import load_pretrained
@@ -81,7 +84,8 @@ def embed_main(argv: list[str] | None = None) -> int:
         if not items:
             raise W2TError("no adapters found", args.collection or args.adapters)
         ids, paths = zip(*items)
-        result = encoder.embed_many(paths, ids, batch_size=args.batch_size, allow_pickle=args.allow_pickle)
+        result = encoder.embed_many(paths, ids, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                                     base=args.base)
         meta = {"encoder": str(Path(args.encoder).resolve()), "encoder_sha256": fingerprint(args.encoder),
                 "failed": result.failed}
         if args.format == "hf":
@@ -110,8 +114,10 @@ def search_main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--metadata", help="collection root: show its metadata columns beside the hits")
     ap.add_argument("--columns", help=f"comma-separated metadata columns (default: the first {DEFAULT_COLUMNS})")
-    ap.add_argument("--backend", choices=("torch", "faiss"), default="torch")
+    ap.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto",
+                    help="auto: faiss where it is installed (a datasets folder through its own FAISS index), else torch")
     ap.add_argument("--allow-pickle", action="store_true")
+    ap.add_argument("--base", help="the base model's safetensors (file or folder): DoRA queries read exactly")
     args = ap.parse_args(argv)
 
     from w2t.models import load_pretrained
@@ -119,13 +125,19 @@ def search_main(argv: list[str] | None = None) -> int:
     from w2t.search.index import EmbeddingIndex
 
     try:
-        emb, ids, meta = _load_library(args.index)
+        emb, ids, meta, dataset = _load_library(args.index)
         encoder = load_pretrained(args.encoder)
         if meta.get("encoder_sha256") not in (None, fingerprint(args.encoder)):
             raise W2TError(f"the index was written by another encoder ({meta.get('encoder')}): "
                            "embeddings of different encoders are not comparable", args.index)
-        queries = encoder.embed(args.query, allow_pickle=args.allow_pickle)
-        scores, hits = EmbeddingIndex(emb, ids, backend=args.backend).search(queries, args.k)
+        queries = encoder.embed(args.query, allow_pickle=args.allow_pickle, base=args.base)
+        backend = args.backend if args.backend != "auto" else "faiss" if importlib.util.find_spec("faiss") else "torch"
+        if dataset is not None and backend == "faiss":
+            from w2t.search.hub import search_library
+
+            scores, hits = search_library(dataset, queries, args.k)
+        else:
+            scores, hits = EmbeddingIndex(emb, ids, backend=backend).search(queries, args.k)
         table = _load_table(args.metadata).set_index("adapter_id") if args.metadata else None
     except W2TError as e:
         print(f"error: {e}", file=sys.stderr)

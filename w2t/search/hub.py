@@ -2,8 +2,8 @@
 
 Columns: `adapter_id`, `embedding` (float32, one list per adapter) and any metadata columns given; the
 library's own metadata (the encoder's fingerprint, failures) is JSON in `Dataset.info.description`.
-`save_to_disk` / `load_from_disk` round-trip it exactly, and with faiss installed
-`dataset.add_faiss_index("embedding")` searches it.
+`save_to_disk` / `load_from_disk` round-trip it exactly, and with faiss installed `search_library` searches
+it through the dataset's own FAISS index.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from w2t.errors import W2TError
 
@@ -43,3 +44,17 @@ def library_from_dataset(dataset) -> tuple[torch.Tensor, list[str], dict]:
         raise W2TError("not a w2t embedding library (library_to_dataset writes one)")
     embeddings = torch.from_numpy(np.asarray(dataset.with_format("numpy")["embedding"], dtype=np.float32))
     return embeddings, [str(i) for i in dataset["adapter_id"]], meta
+
+
+def search_library(dataset, queries: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, list[list[str]]]:
+    """Cosine top-k as `EmbeddingIndex.search` returns it, through a FAISS index the dataset holds
+    (`add_faiss_index_from_external_arrays`: exact inner product of the normalized rows, which cosine needs and
+    the stored `embedding` column is not). Needs faiss (`pip install 'w2t[faiss]'`)."""
+    import faiss
+
+    embeddings, ids, _ = library_from_dataset(dataset)
+    vectors = F.normalize(embeddings, dim=1).numpy()
+    if "embedding" not in dataset.list_indexes():
+        dataset.add_faiss_index_from_external_arrays(vectors, "embedding", custom_index=faiss.IndexFlatIP(vectors.shape[1]))
+    found = dataset.search_batch("embedding", F.normalize(queries.float().cpu(), dim=1).numpy(), k=min(k, len(ids)))
+    return torch.from_numpy(np.stack(found.total_scores)), [[ids[i] for i in row] for row in found.total_indices]

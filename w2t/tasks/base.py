@@ -15,16 +15,49 @@ import torch.nn as nn
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from w2t.data.tokens import TokenSchema
 from w2t.models.features import delta_w_features, sketch_features, spectral_features
 
 ESTIMATORS = ("linear", "knn")
 
 
-def mlp(d_in: int, d_out: int, hidden: int, dropout: float) -> nn.Module:
-    """A one-hidden-layer MLP; `hidden=0`: a linear map (keeps a linear encoder's geometry)."""
+def mlp(d_in: int, d_out: int, hidden: int, dropout: float, zero_out: bool = False) -> nn.Module:
+    """A one-hidden-layer MLP; `hidden=0`: a linear map (keeps a linear encoder's geometry).
+    `zero_out`: the last layer starts at zero, so the MLP is a residual that starts by adding nothing."""
     if not hidden:
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, d_out))
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, d_out))
+    else:
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout),
+                             nn.Linear(hidden, d_out))
+    if zero_out:
+        nn.init.zeros_(head[-1].weight)
+        nn.init.zeros_(head[-1].bias)
+    return head
+
+
+class LinearPrior(nn.Module):
+    """A linear read of fixed features, fitted in closed form on the training split and then frozen (buffers):
+    what a warm-started model outputs before training. Its head is a residual that starts at zero, so the
+    model starts as the best simple read (chosen on validation) and training can only add to it."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(d_in))
+        self.register_buffer("weight", torch.zeros(d_out, d_in))
+        self.register_buffer("bias", torch.zeros(d_out))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.to(self.mean) - self.mean) / self.scale) @ self.weight.T + self.bias
+
+    def load(self, columns: slice, mean, scale, weight, bias) -> None:
+        """Fit result of a read of the feature columns `columns` (the others keep weight 0)."""
+        self.weight.zero_()
+        for buf, value in ((self.mean[columns], mean), (self.scale[columns], scale), (self.weight[:, columns], weight),
+                           (self.bias, bias)):
+            buf.copy_(torch.as_tensor(np.asarray(value), dtype=buf.dtype).reshape(buf.shape))
+        self.fitted.fill_(True)
 
 
 class Task(nn.Module):
@@ -42,8 +75,9 @@ class Task(nn.Module):
     def loss(self, emb: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def outputs(self, emb: torch.Tensor) -> torch.Tensor:
-        """Per adapter: predictions, or the retrieval embedding (what `evaluate` takes)."""
+    def outputs(self, emb: torch.Tensor, tokens=None) -> torch.Tensor:
+        """Per adapter: predictions, or the retrieval embedding (what `evaluate` takes); `tokens` feed a
+        warm start's fixed read (`LinearPrior`), when the task has one."""
         return self.head(emb)
 
     def evaluate(self, out: torch.Tensor, batch: dict) -> dict[str, float]:
@@ -53,9 +87,31 @@ class Task(nn.Module):
         """A read of fixed features X fitted on the training split: a callable from features to outputs."""
         raise NotImplementedError
 
-    def baseline_metrics(self, dm, seed: int, stages: tuple[str, ...]) -> dict[str, float]:
-        """`{stage}/baseline_{name}/{metric}` of every simple read in `baselines`, fitted on the training split once."""
+    def item_values(self, out: torch.Tensor, batch: dict) -> dict[str, np.ndarray]:
+        """Per evaluated item (adapter, or query): what `primary_of` needs, so the main metric can be resampled
+        over items (paired bootstrap across models, scripts/compare.py)."""
         raise NotImplementedError
+
+    @staticmethod
+    def primary_of(items: dict[str, np.ndarray], idx: np.ndarray | None = None) -> float:
+        """The main metric of the items `idx` (all: None) of `item_values`: their mean unless a task says otherwise."""
+        (values,) = items.values()
+        return float(np.mean(values if idx is None else values[idx]))
+
+    def baseline_outputs(self, dm, seed: int, stages: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+        """`{stage: {name: outputs}}` of every simple read in `baselines`, fitted on the training split once."""
+        raise NotImplementedError
+
+    def baseline_metrics(self, dm, seed: int, stages: tuple[str, ...],
+                         outputs: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+        """`{stage}/baseline_{name}/{metric}` of the simple reads (of `outputs` when given)."""
+        outputs = outputs or self.baseline_outputs(dm, seed, stages)
+        out: dict[str, float] = {}
+        for stage, by_name in outputs.items():
+            split = dm.whole_split(stage)
+            for name, x in by_name.items():
+                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(x, split).items()}
+        return out
 
     def plot(self, fig, out: torch.Tensor, split: dict, info, metrics: dict[str, float]) -> str:
         """Draw the test split's picture, with its test metric in the title, on `fig`; returns the file stem."""
@@ -104,14 +160,52 @@ class PredictionTask(Task):
 
     baselines = ("sketch", "dw", "spectrum", "dw+spectrum")
 
+    # the reads a warm-started model may start from: column blocks of `dw+spectrum`, chosen on validation
+    PRIOR_READS = ("dw", "spectrum", "dw+spectrum")
+
     @staticmethod
-    def features(tokens, schema, seed: int) -> dict[str, np.ndarray]:
+    def features(tokens, schema, seed: int, sketch: bool = True) -> dict[str, torch.Tensor]:
         """(B, F) features of every simple read, each computed once: `spectrum` is blind to the singular
         vectors, `dw` reads ΔW/‖ΔW‖ (and log‖ΔW‖), `dw+spectrum` is both side by side."""
-        dw = delta_w_features(tokens, schema, seed=seed, norms=True).numpy()
+        dw = delta_w_features(tokens, schema, seed=seed, norms=True).double()
         spectrum = spectral_features(tokens, schema)
-        return {"sketch": sketch_features(tokens, schema, seed=seed).numpy(), "dw": dw, "spectrum": spectrum,
-                "dw+spectrum": np.concatenate([dw, spectrum], 1)}
+        out = {"dw": dw, "spectrum": spectrum, "dw+spectrum": torch.cat([dw, spectrum], 1)}
+        return out | {"sketch": sketch_features(tokens, schema, seed=seed)} if sketch else out
+
+    def init_prior(self, info, d_out: int, warm_start: bool) -> None:
+        """`warm_start`: outputs are a `LinearPrior` on `dw+spectrum` plus the head (which must start at 0)."""
+        self.schema = TokenSchema.from_dict(info.schema)
+        if warm_start:
+            empty = {g.name: {"u": torch.zeros(1, g.num_layers, g.max_rank, g.m), "v": torch.zeros(1, g.num_layers, g.max_rank, g.n),
+                              "s": torch.zeros(1, g.num_layers, g.max_rank), "mask": torch.zeros(1, g.num_layers, g.max_rank, dtype=torch.bool)}
+                     for g in self.schema.groups}
+            self.prior = LinearPrior(self.features(empty, self.schema, 0, sketch=False)["dw+spectrum"].shape[1], d_out)
+        else:
+            self.prior = None
+
+    def prior_outputs(self, tokens) -> torch.Tensor | float:
+        """The prior's outputs, in the units of `linear_outputs` (0 without a prior)."""
+        if self.prior is None:
+            return 0.0
+        return self.prior(self.features(tokens, self.schema, 0, sketch=False)["dw+spectrum"]).float()
+
+    @torch.no_grad()
+    def fit_prior(self, dm) -> str:
+        """Fit every read of `PRIOR_READS` on the training split, load the best on validation into the prior."""
+        train, val = dm.whole_split("train"), dm.whole_split("val")
+        X_train, X_val = (self.features(s["tokens"], dm.schema, 0, sketch=False) for s in (train, val))
+        reads = {name: self.fit_read(X_train[name].numpy(), train) for name in self.PRIOR_READS}
+        scores = {name: self.evaluate(read(X_val[name].numpy()), val)[self.primary] for name, read in reads.items()}
+        best = max(self.PRIOR_READS, key=lambda name: (scores[name], -self.PRIOR_READS.index(name)))
+        n_dw = X_train["dw"].shape[1]
+        columns = {"dw": slice(0, n_dw), "spectrum": slice(n_dw, None), "dw+spectrum": slice(None)}[best]
+        scaler, est = reads[best].est[0], reads[best].est[-1]
+        self.prior.load(columns, scaler.mean_, scaler.scale_, *self.linear_coefficients(est))
+        return best
+
+    def linear_coefficients(self, est) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (d_out, F), bias (d_out,)) of a fitted linear estimator, in the units of the prior's outputs."""
+        raise NotImplementedError
 
     def estimator(self, kind: str, seed: int):
         raise NotImplementedError
@@ -127,14 +221,9 @@ class PredictionTask(Task):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {kind!r}")
         return FittedRead(self, make_pipeline(StandardScaler(), self.estimator(kind, seed)).fit(X, self.targets(train)))
 
-    def baseline_metrics(self, dm, seed, stages):
-        splits = {stage: dm.whole_split(stage) for stage in stages}
+    def baseline_outputs(self, dm, seed, stages):
         train = dm.whole_split("train")
         X_train = self.features(train["tokens"], dm.schema, seed)
-        X = {stage: self.features(split["tokens"], dm.schema, seed) for stage, split in splits.items()}
-        out: dict[str, float] = {}
-        for name in self.baselines:
-            read = self.fit_read(X_train[name], train, seed=seed)
-            for stage, split in splits.items():
-                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(read(X[stage][name]), split).items()}
-        return out
+        X = {stage: self.features(dm.whole_split(stage)["tokens"], dm.schema, seed) for stage in stages}
+        reads = {name: self.fit_read(X_train[name].numpy(), train, seed=seed) for name in self.baselines}
+        return {stage: {name: read(X[stage][name].numpy()) for name, read in reads.items()} for stage in stages}

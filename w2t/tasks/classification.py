@@ -21,18 +21,23 @@ class Classification(PredictionTask):
     columns = ("acc", "macro_f1", "auroc")
     primary = "acc"
 
-    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, label_smoothing: float = 0.0):
+    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, label_smoothing: float = 0.0,
+                 warm_start: bool = False):
         super().__init__()
         self.multilabel = bool(info.label_columns)
         self.n = len(info.label_columns) if self.multilabel else len(info.classes)
         if self.n < 2:
             raise ValueError("classification needs data.label_column with ≥ 2 classes or data.label_columns")
         self.monitor = "val/auroc" if self.multilabel else "val/acc"
-        self.head = mlp(d, self.n, hidden, dropout)
+        self.head = mlp(d, self.n, hidden, dropout, zero_out=warm_start)
+        self.init_prior(info, self.n, warm_start)
         self.label_smoothing = label_smoothing
 
+    def outputs(self, emb, tokens=None):
+        return self.head(emb) + self.prior_outputs(tokens)
+
     def loss(self, emb, batch):
-        logits = self.head(emb)
+        logits = self.outputs(emb, batch["tokens"])
         if self.multilabel:
             return F.binary_cross_entropy_with_logits(logits, batch["labels"])
         return F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
@@ -49,6 +54,16 @@ class Classification(PredictionTask):
         return {"acc": accuracy(p, y, average="micro", **kw).item(), "macro_f1": f1_score(p, y, average="macro", **kw).item(),
                 "auroc": auroc(p, y, average="macro", **kw).item()}
 
+    def item_values(self, out, batch):
+        """Per adapter: the share of its labels predicted right (accuracy is their mean)."""
+        keep = batch["in_split"]
+        logits = out[keep].float()
+        if self.multilabel:
+            right = ((logits > 0).long() == batch["labels"][keep].long()).double().mean(1)
+        else:
+            right = (logits.argmax(-1) == batch["label"][keep]).double()
+        return {"correct": right.cpu().numpy()}
+
     # ---- the simple reads: logistic regression (C=0.1) or a 5-nearest-neighbour vote -------------
     def estimator(self, kind, seed):
         est = (LogisticRegression(C=0.1, max_iter=2000, random_state=seed) if kind == "linear"
@@ -57,6 +72,24 @@ class Classification(PredictionTask):
 
     def targets(self, split):
         return split["labels" if self.multilabel else "label"].numpy()
+
+    def linear_coefficients(self, est):
+        """Logits of every class (multi-class; a class absent from training gets a bias of -30) or of each label."""
+        W, b = np.zeros((self.n, est.n_features_in_)), np.zeros(self.n)
+        if self.multilabel:
+            for j, e in enumerate(est.estimators_):
+                if hasattr(e, "coef_"):
+                    W[j], b[j] = e.coef_[0], e.intercept_[0]
+                else:  # a label constant in training: its constant
+                    b[j] = 30.0 if e.classes_[0] else -30.0
+            return W, b
+        classes = est.classes_.astype(int)
+        b[:] = -30.0
+        if len(classes) == 2:  # one logit: class 1 against class 0
+            W[classes[1]], b[classes] = est.coef_[0], (0.0, est.intercept_[0])
+        else:
+            W[classes], b[classes] = est.coef_, est.intercept_
+        return W, b
 
     def estimator_outputs(self, est, X):
         """Logits: of P(label = 1) per label (multi-label), or log-probabilities over all classes."""

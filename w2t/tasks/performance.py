@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from sklearn.linear_model import RidgeCV
 from sklearn.neighbors import KNeighborsRegressor
 from torchmetrics.functional import kendall_rank_corrcoef, mean_absolute_error, r2_score, spearman_corrcoef
@@ -18,17 +19,19 @@ class Performance(PredictionTask):
     primary = "spearman"
     monitor = "val/spearman"
 
-    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1):
+    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, warm_start: bool = False):
         super().__init__()
-        self.head = mlp(d, 1, hidden, dropout)
+        self.head = mlp(d, 1, hidden, dropout, zero_out=warm_start)
+        self.init_prior(info, 1, warm_start)
         self.mean, self.std = info.target_mean, info.target_std
 
-    def outputs(self, emb):
-        return self.head(emb).squeeze(-1) * self.std + self.mean
+    def outputs(self, emb, tokens=None):
+        """Predictions in the target's units: the prior's, or the target's mean, plus the head's in std units."""
+        start = self.prior_outputs(tokens) if self.prior is not None else self.mean
+        return self.head(emb).squeeze(-1) * self.std + (start.squeeze(-1) if torch.is_tensor(start) else start)
 
     def loss(self, emb, batch):
-        z = (batch["target"] - self.mean) / self.std
-        return F.mse_loss(self.head(emb).squeeze(-1), z)
+        return ((self.outputs(emb, batch["tokens"]) - batch["target"]) / self.std).square().mean()  # MSE in std units
 
     def evaluate(self, out, batch):
         keep = batch["in_split"]
@@ -36,12 +39,25 @@ class Performance(PredictionTask):
         return {"r2": r2_score(p, y).item(), "spearman": spearman_corrcoef(p, y).item(),
                 "kendall": kendall_rank_corrcoef(p, y).item(), "mae": mean_absolute_error(p, y).item()}
 
+    def item_values(self, out, batch):
+        keep = batch["in_split"]
+        return {"pred": out[keep].double().cpu().numpy(), "target": batch["target"][keep].double().cpu().numpy()}
+
+    @staticmethod
+    def primary_of(items, idx=None):
+        """Spearman's ρ of the items `idx`: not a mean over items, so it is recomputed on each resample."""
+        p, y = (items[k] if idx is None else items[k][idx] for k in ("pred", "target"))
+        return float(spearmanr(p, y).statistic)
+
     # ---- the simple reads: ridge regression (α by cross-validation) or 5-nearest-neighbour averaging ----
     def estimator(self, kind, seed):
         return RidgeCV(alphas=np.logspace(-2, 4, 13)) if kind == "linear" else KNeighborsRegressor(5, weights="distance")
 
     def targets(self, split):
         return split["target"].numpy()
+
+    def linear_coefficients(self, est):
+        return est.coef_.reshape(1, -1), np.atleast_1d(est.intercept_)
 
     def estimator_outputs(self, est, X):
         return torch.as_tensor(est.predict(X), dtype=torch.float32)

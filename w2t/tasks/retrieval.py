@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from w2t.data.tokens import TokenSchema
-from w2t.io.formats import load_adapter
 from w2t.models.features import delta_w_features, raw_features, sketch_features
 from w2t.tasks.base import Task, mlp, register
 
@@ -39,6 +38,9 @@ class Retrieval(Task):
     separates the training groups and forgets how unseen ones lie; keeping each adapter's
     neighbourhood of normalized-ΔW cosines (softmax at `neighbourhood_temperature`) is what carries
     over to open-set retrieval (`experiment=retrieval_open`). 0: off.
+
+    `warm_start`: the embedding is the normalized `dw` features (the `dw` read) beside the head's projection,
+    which starts at zero: ranking starts as the `dw` cosine, and training adds what it learns to it.
     """
 
     name = "retrieval"
@@ -48,23 +50,28 @@ class Retrieval(Task):
     uses_gallery = True
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
-                 monitor: str = "val/mrr", neighbourhood_weight: float = 0.0, neighbourhood_temperature: float = 0.05):
+                 monitor: str = "val/mrr", neighbourhood_weight: float = 0.0, neighbourhood_temperature: float = 0.05,
+                 warm_start: bool = False):
         super().__init__()
         if monitor not in {f"val/{k}" for k in self.columns}:
             raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
         self.monitor = monitor
         if info.num_groups < 2:
             raise ValueError("retrieval needs data.group_column with ≥ 2 groups")
-        self.head = mlp(d, proj_dim, hidden, dropout)
+        self.head = mlp(d, proj_dim, hidden, dropout, zero_out=warm_start)
+        self.warm_start = warm_start
         self.temperature = temperature
         self.schema = TokenSchema.from_dict(info.schema)
         self.neighbourhood_weight, self.neighbourhood_temperature = neighbourhood_weight, neighbourhood_temperature
 
-    def outputs(self, emb):
-        return F.normalize(self.head(emb), dim=-1)
+    def outputs(self, emb, tokens=None):
+        z = self.head(emb)
+        if self.warm_start:
+            z = torch.cat([F.normalize(delta_w_features(tokens, self.schema).to(z), dim=-1), z], -1)
+        return F.normalize(z, dim=-1)
 
     def loss(self, emb, batch):
-        z = self.outputs(emb)
+        z = self.outputs(emb, batch["tokens"])
         loss = supcon_loss(z, batch["group"], self.temperature)
         if self.neighbourhood_weight:
             teacher = delta_w_features(batch["tokens"], self.schema).to(z)
@@ -73,32 +80,39 @@ class Retrieval(Task):
         return loss
 
     def evaluate(self, out, batch):
+        return retrieval_metrics(*self._queries_and_gallery(out, batch))
+
+    def item_values(self, out, batch):
+        """Per query with a relevant gallery item: its reciprocal rank (MRR is their mean)."""
+        rel, _ = ranked_relevance(*self._queries_and_gallery(out, batch))
+        return {"rr": (1.0 / (rel.argmax(1) + 1).double()).cpu().numpy()}
+
+    @staticmethod
+    def _queries_and_gallery(out, batch):
         q = batch["in_split"] & batch["is_query"]
         g = batch["in_gallery"]
         g_idx = torch.full((len(out),), -1, dtype=torch.long, device=out.device)
         g_idx[g] = torch.arange(int(g.sum()), device=out.device)
-        return retrieval_metrics(out[q], batch["group"][q], out[g], batch["group"][g], query_in_gallery=g_idx[q])
+        return out[q], batch["group"][q], out[g], batch["group"][g], g_idx[q]
 
     def fit_read(self, X, train, kind="linear", seed=0) -> Standardize:
         return Standardize(X.mean(0), X.std(0) + 1e-12)
 
-    def baseline_metrics(self, dm, seed, stages):
+    def baseline_outputs(self, dm, seed, stages):
         """Cosine ranking of fixed features: `raw`, `sketch` and `dw` fit nothing, so unseen groups are read
         like seen ones; `dw_white` ranks `dw` after a whitening fitted on the training split (no labels)."""
-        out: dict[str, float] = {}
+        out: dict[str, dict[str, torch.Tensor]] = {}
         white = whitening(delta_w_features(dm.whole_split("train")["tokens"], dm.schema, seed=seed))
         raw_of: dict[int, torch.Tensor] = {}  # the gallery is in every stage's items: read each file once
         for stage in stages:
             split = dm.whole_split(stage)
             for i in split["index"].tolist():
                 if i not in raw_of:
-                    raw_of[i] = raw_features(load_adapter(dm.table.abs_path[i], allow_pickle=dm.hp.allow_pickle), dm.schema)
+                    raw_of[i] = raw_features(dm.adapter(i), dm.schema)
             raw = torch.stack([raw_of[i] for i in split["index"].tolist()])
             dw = delta_w_features(split["tokens"], dm.schema, seed=seed)
-            feats = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed), "dw": dw,
-                     "dw_white": white(dw)}
-            for name, x in feats.items():
-                out |= {f"{stage}/baseline_{name}/{k}": float(v) for k, v in self.evaluate(x, split).items()}
+            out[stage] = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed), "dw": dw,
+                          "dw_white": white(dw)}
         return out
 
     LEGEND_GROUPS = 10  # the largest groups get a colour and a legend entry; the rest are grey
@@ -169,6 +183,28 @@ def neighbourhood_loss(z: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return kl.mean()
 
 
+def ranked_relevance(
+    query_emb: torch.Tensor,  # (Q, d)
+    query_groups: torch.Tensor,  # (Q,) int
+    gallery_emb: torch.Tensor,  # (G, d)
+    gallery_groups: torch.Tensor,  # (G,) int
+    query_in_gallery: torch.Tensor | None = None,  # (Q,) gallery position of each query, -1 if absent
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q', G) relevance of the gallery in each query's cosine order, and (Q',) its relevant count, for the
+    Q' queries that have a relevant item; a query never retrieves itself."""
+    sims = F.normalize(query_emb.double(), dim=-1) @ F.normalize(gallery_emb.double(), dim=-1).T  # (Q, G)
+    relevant = query_groups[:, None] == gallery_groups[None, :]  # (Q, G)
+    if query_in_gallery is not None:
+        rows = torch.nonzero(query_in_gallery >= 0).squeeze(-1)
+        sims[rows, query_in_gallery[rows]] = float("-inf")
+        relevant[rows, query_in_gallery[rows]] = False
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    rel = torch.gather(relevant, 1, order).double()
+    n_rel = rel.sum(1)
+    keep = n_rel > 0
+    return rel[keep], n_rel[keep]
+
+
 def retrieval_metrics(
     query_emb: torch.Tensor,  # (Q, d)
     query_groups: torch.Tensor,  # (Q,) int
@@ -178,18 +214,8 @@ def retrieval_metrics(
     k: int = 10,
 ) -> dict[str, float]:
     """MRR, hit@1, hit@k, nDCG@k and mAP, averaged over queries that have a relevant item."""
-    sims = F.normalize(query_emb.double(), dim=-1) @ F.normalize(gallery_emb.double(), dim=-1).T  # (Q, G)
-    relevant = query_groups[:, None] == gallery_groups[None, :]  # (Q, G)
-    if query_in_gallery is not None:
-        rows = torch.nonzero(query_in_gallery >= 0).squeeze(-1)
-        sims[rows, query_in_gallery[rows]] = float("-inf")
-        relevant[rows, query_in_gallery[rows]] = False
-    order = torch.sort(sims, dim=1, descending=True, stable=True).indices
-    rel = torch.gather(relevant, 1, order).double()  # (Q, G) relevance in ranked order
-    n_rel = rel.sum(1)
-    keep = n_rel > 0
-    rel, n_rel = rel[keep], n_rel[keep]
-    n_q = int(keep.sum())
+    rel, n_rel = ranked_relevance(query_emb, query_groups, gallery_emb, gallery_groups, query_in_gallery)
+    n_q = len(rel)
     if n_q == 0:
         return {"mrr": float("nan"), "hit@1": float("nan"), f"hit@{k}": float("nan"), f"ndcg@{k}": float("nan"),
                 "map": float("nan"), "num_queries": 0}

@@ -81,7 +81,12 @@ class AdapterModel(L.LightningModule):
         return self.task.monitor, self.task.mode
 
     def forward(self, tokens) -> torch.Tensor:
-        return self.task.outputs(self.encoder(tokens))
+        return self.task.outputs(self.encoder(tokens), tokens)
+
+    def on_fit_start(self):
+        prior = getattr(self.task, "prior", None)
+        if prior is not None and not bool(prior.fitted):  # a resumed run keeps the prior it started from
+            log.info("warm start: the %s read fitted on the training split", self.task.fit_prior(self.trainer.datamodule))
 
     def training_step(self, batch, batch_idx):
         loss = self.task.loss(self.encoder(batch["tokens"]), batch)
@@ -90,7 +95,7 @@ class AdapterModel(L.LightningModule):
 
     # whole-split evaluation: keep every output, score once at epoch end ------------------------
     def _record(self, batch) -> dict:
-        out = self.task.outputs(self.encoder(batch["tokens"]))
+        out = self.task.outputs(self.encoder(batch["tokens"]), batch["tokens"])
         return {"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}}
 
     def _eval_step(self, batch):

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -18,7 +19,7 @@ from w2t.canon.reparam import REPARAMS, reparametrize
 from w2t.canon.representation import adapter_components
 from w2t.data.datamodule import AdapterDataModule
 from w2t.data.tokens import collate_tokens, tokenize
-from w2t.io.formats import load_adapter
+from w2t.io.files import atomic_write
 from w2t.models.pretrained import data_options
 from w2t.train.spectral import SpectralModel
 from w2t.tasks import TASKS
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> float | None:
         model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
         model.eval()
         metrics |= reparam_metrics(model, dm, metrics, cfg.seed)
-        baselines = model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
+        baselines = _baselines_and_items(model, dm, cfg.seed, out_dir)
         _log_beside(trainer, baselines)
         n_train = len(dm.split_rows["train"])
         trained_here = trainer.current_epoch - model.first_epoch  # a resumed run trained only these
@@ -129,7 +130,7 @@ def reparam_metrics(model, dm: AdapterDataModule, metrics: dict[str, float], see
     split = dm.whole_split("test")
     rows = split["index"].tolist()
     tokens = [dm.tokens(row) for row in rows]
-    adapters = {j: load_adapter(dm.table.abs_path[rows[j]], allow_pickle=dm.hp.allow_pickle)  # read each file once
+    adapters = {j: dm.adapter(rows[j])  # read each file once
                 for j, keep in enumerate(split["in_split"].tolist()) if keep}
     device = getattr(model, "device", "cpu")
     out: dict[str, float] = {}
@@ -145,6 +146,27 @@ def reparam_metrics(model, dm: AdapterDataModule, metrics: dict[str, float], see
         worst = max(REPARAMS, key=lambda kind: abs(out[f"test_reparam/{kind}/{k}"] - metrics[f"test/{k}"]))
         out[f"test_reparam/{k}"] = out[f"test_reparam/{worst}/{k}"]
     return out
+
+
+@torch.no_grad()
+def _baselines_and_items(model, dm: AdapterDataModule, seed: int, out_dir: Path) -> dict[str, float]:
+    """The simple reads' val and test metrics; writes `test_items.npz`: per test item (adapter, or query), what
+    the main metric is made of, for the model (`model/<key>`) and every simple read (`baseline_<name>/<key>`), in
+    one order, so comparisons can resample items in pairs (scripts/compare.py)."""
+    task, split = model.task, dm.whole_split("test")
+    outputs = task.baseline_outputs(dm, seed, ("val", "test"))
+    device = getattr(model, "device", "cpu")
+    tokens = {g: {k: v.to(device) for k, v in t.items()} for g, t in split["tokens"].items()}
+    items = {"model": task.item_values(model(tokens).float().cpu(), split)}
+    items |= {f"baseline_{name}": task.item_values(out, split) for name, out in outputs["test"].items()}
+    arrays = {f"{source}/{k}": v for source, values in items.items() for k, v in values.items()}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(out_dir / "test_items.npz", write)
+    return task.baseline_metrics(dm, seed, ("val", "test"), outputs)
 
 
 def _log_beside(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -175,7 +197,7 @@ def _fit_spectral(cfg: DictConfig, dm: AdapterDataModule, model: SpectralModel, 
         scores |= {f"{stage}/{k}": float(v) for k, v in model.task.evaluate(model(split["tokens"]), split).items()}
     metrics = scores
     metrics |= reparam_metrics(model, dm, metrics, cfg.seed)
-    metrics |= model.task.baseline_metrics(dm, cfg.seed, ("val", "test"))
+    metrics |= _baselines_and_items(model, dm, cfg.seed, out_dir)
     n_train = len(dm.split_rows["train"])
     metrics |= {"params": float(model.num_parameters()), "train_adapters": float(n_train), "epochs": 1.0,
                 "data_seconds": t_data, "fit_seconds": t_fit, "train_adapters_per_s": n_train / max(t_fit, 1e-9)}
@@ -209,8 +231,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     given = _given_on_the_command_line()
     task = model.hparams.task
     with open_dict(cfg):
-        if "data" not in given and "data.root" not in given and "data.collection" not in given:
+        if not given & {"data", "data.root", "data.path", "data.collection"}:
             cfg.data.root, cfg.data.collection = trained.get("root"), trained.get("collection", cfg.data.collection)
+            cfg.data.path = trained.get("path")
         for key in TRAINED_DATA[2:]:
             if key in trained and f"data.{key}" not in given and not (key == "seed" and "seed" in given):
                 cfg.data[key] = trained[key]
@@ -225,7 +248,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics |= reparam_metrics(model, dm, metrics, dm.hp.seed)
     metrics |= model.task.baseline_metrics(dm, dm.hp.seed, ("test",))
     _write_metrics(out_dir, metrics)
-    root = dm.hp.root or Path(dm.hp.data_dir) / dm.hp.collection
     print_results(task, metrics, out_dir, model_name(model.hparams),
-                  f"checkpoint: {Path(cfg.ckpt_path).resolve()}\ncollection: {Path(root).resolve()}")
+                  f"checkpoint: {Path(cfg.ckpt_path).resolve()}\ncollection: {Path(dm.root).resolve()}")
     return metrics

@@ -38,10 +38,10 @@ class SpectralModel:
         return 0 if self.read is None else self.read.num_parameters()
 
     def fit(self, train: dict) -> SpectralModel:
-        X = spectral_features(train["tokens"], self.schema, self.top_k)
+        X = spectral_features(train["tokens"], self.schema, self.top_k).numpy()
         self.read = self.task.fit_read(X, train, self.estimator, self.seed)
         return self
 
     def __call__(self, tokens: Tokens) -> torch.Tensor:
         """Outputs the task's `evaluate` takes: logits, predictions, or retrieval embeddings."""
-        return self.read(spectral_features(tokens, self.schema, self.top_k))
+        return self.read(spectral_features(tokens, self.schema, self.top_k).numpy())

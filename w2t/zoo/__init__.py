@@ -7,11 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from w2t.errors import CollectionError
-from w2t.zoo import digits, minilm_text
+from w2t.zoo import digits, digits_cnn, minilm_text
 from w2t.zoo.builder import disk_usage, ensure_built
 
-# name -> builder module: digits (a ViT trained here) and minilm_text (a pretrained text model)
-BUILDERS = {"digits": digits, "digits_tiny": digits, **{name: minilm_text for name in minilm_text.RECIPES}}
+# name -> builder module: digits (a ViT trained here), minilm_text (a pretrained text model), digits_cnn (a CNN)
+BUILDERS = {"digits": digits, "digits_tiny": digits, **{name: minilm_text for name in minilm_text.RECIPES},
+            **{name: digits_cnn for name in digits_cnn.RECIPES}}
 
 
 def make_recipe(name: str, seed: int = 0):

@@ -115,14 +115,21 @@ def plan_jobs(recipe: Any, groups: Iterable, per_group: int, prefix: str,
 
 def sample_training(rng: random.Random, recipe: Any, role: str) -> dict:
     """One adapter's rank, alpha, lr, steps, n_train, targets and seed, drawn from the recipe's ranges in
-    this fixed order (a recipe's plan depends on it). Queries are trained few-shot (`query_n_train`)."""
+    this fixed order (a recipe's plan depends on it). Queries are trained few-shot (`query_n_train`).
+
+    lora_alpha is `alpha_factors` × rank, or one of the fixed values `alphas` where a recipe has them;
+    a recipe with an `rslora` share also draws `rslora` (0/1, PEFT's use_rslora), last."""
     rank = rng.choice(recipe.ranks)
+    alphas = getattr(recipe, "alphas", None)
     names, weights = zip(*recipe.targets)
     log_lr = [math.log10(x) for x in recipe.lr_range]
-    return dict(rank=rank, alpha=rank * rng.choice(recipe.alpha_factors), lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"),
-                steps=rng.choice(recipe.steps),
-                n_train=rng.choice(recipe.query_n_train if role == "query" else recipe.gallery_n_train),
-                targets=rng.choices(names, weights)[0], seed=rng.randrange(2**31))
+    hyper = dict(rank=rank, alpha=rng.choice(alphas) if alphas else rank * rng.choice(recipe.alpha_factors),
+                 lr=float(f"{10 ** rng.uniform(*log_lr):.3g}"), steps=rng.choice(recipe.steps),
+                 n_train=rng.choice(recipe.query_n_train if role == "query" else recipe.gallery_n_train),
+                 targets=rng.choices(names, weights)[0], seed=rng.randrange(2**31))
+    if getattr(recipe, "rslora", None) is not None:
+        hyper["rslora"] = int(rng.random() < recipe.rslora)
+    return hyper
 
 
 MANIFEST_FILES = ("*.safetensors", "metadata.csv")  # the weights and the measured labels: what runs read

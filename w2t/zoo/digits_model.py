@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +154,7 @@ def apply_transform(name: str, x: torch.Tensor, g: torch.Generator) -> torch.Ten
 # ---- base training ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_classes(model: DigitsViT, x: torch.Tensor, y: torch.Tensor) -> float:
+def evaluate_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     return (model.head(model(x)).argmax(-1) == y).float().mean().item()
 
@@ -172,16 +172,18 @@ def heldout_accuracy(features: nn.Module, probe: nn.Module, data: DigitsData, tr
     return round(hit.float().mean().item(), 4)
 
 
-def train_base(cfg: ViTConfig, data: DigitsData, *, steps: int, lr: float, batch: int,
-               seed: int) -> DigitsViT:
-    """Train the 10-class ViT on untransformed images, then fix the random binary probe.
+def train_base(cfg: Any, data: DigitsData, *, steps: int, lr: float, batch: int,
+               seed: int, make: Callable[[Any], nn.Module] = DigitsViT) -> nn.Module:
+    """Train the 10-class model `make(cfg)` (the ViT; a CNN in `digits_cnn`) on untransformed images,
+    then fix the random binary probe.
 
+    The model's `forward` gives a LayerNorm'd feature read by `head` (10 classes) and by `probe`.
     The probe bias centres its logit on the training pool so an untrained adapter starts near
     chance on every binary task instead of predicting one class for everything.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = DigitsViT(cfg)
+    model = make(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -194,7 +196,7 @@ def train_base(cfg: ViTConfig, data: DigitsData, *, steps: int, lr: float, batch
         sched.step()
     model.eval()
     with torch.no_grad():
-        w = torch.randn(1, cfg.dim, generator=g)
+        w = torch.randn(1, model.probe.in_features, generator=g)
         w = 2.0 * w / w.norm()  # logits of a few units on LayerNorm'd features
         model.probe.weight.copy_(w)
         model.probe.bias.copy_(-(model(data.x_train) @ w.T).mean(0))
