@@ -9,7 +9,9 @@ Paths are timed interleaved (each repeat runs every path once, over all adapters
 setting) and the median repeat is reported, so a burst of load from other jobs hits every path alike;
 ratios are only meaningful within one run. Process CPU time is reported next to wall time. On a
 machine shared with other jobs prefer `--threads 1`: with several OpenMP threads every op waits for
-descheduled peers. "read + canonicalize (householder)" is the library's reference path
+descheduled peers, and with GNU OpenMP's default active waiting those peers spin on cores the other
+jobs need, so one op can take 100× its usual time; `OMP_WAIT_POLICY=PASSIVE` (set before the run)
+avoids that. The OpenMP/MKL environment variables are printed and written to the JSON. "read + canonicalize (householder)" is the library's reference path
 (`method="householder"`: Householder QR, no Gram matrices), timed in the same run.
 
 The floor row times the bare float64 work on the same files, batched by shape bucket (one bucket
@@ -159,6 +161,12 @@ def bound(file_bytes: float, read_s: float, machine: dict) -> dict:
     }
 
 
+def omp_env() -> dict[str, str]:
+    """The environment variables that change how OpenMP and MKL threads wait and how many there are."""
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -181,6 +189,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/canon.json")
     args = ap.parse_args()
     settings = [t or torch.get_num_threads() for t in args.threads]
+    load_start = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"a{i}" for i in range(args.adapters)]
@@ -226,19 +235,21 @@ def main() -> None:
             torch.set_num_threads(t)
             machine[t].append(measure_machine())
 
-    results = [report(t, times, cpu_times, machine[t], floor_steps[t], runs, size, args) for t in settings]
+    load = (load_start, os.getloadavg()[0])  # 1-minute load average (all processes) at the start and the end
+    results = [report(t, times, cpu_times, machine[t], floor_steps[t], runs, size, load, args) for t in settings]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     first = results[0]
     out.write_text(json.dumps({"adapter_mb": size / 1e6, "adapters": args.adapters, "repeats": args.repeats,
                                "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-                               "torch": torch.__version__, "threads": first["threads"], "rows": first["rows"],
+                               "torch": torch.__version__, "env": omp_env(), "load_average_start_end": load,
+                               "threads": first["threads"], "rows": first["rows"],
                                "machine_rates": first["machine_rates"], "bound": first["bound"], "runs": results},
                               indent=1))
     print(f"wrote {out}")
 
 
-def report(threads, times, cpu_times, machine, floor_steps, runs, size, args) -> dict:
+def report(threads, times, cpu_times, machine, floor_steps, runs, size, load, args) -> dict:
     """Print one thread setting's table and bound; its JSON entry."""
     seconds = {name: statistics.median(times[threads, name]) for name in runs}
     cpu_seconds = {name: statistics.median(cpu_times[threads, name]) for name in runs}
@@ -255,7 +266,8 @@ def report(threads, times, cpu_times, machine, floor_steps, runs, size, args) ->
     bnd = bound(size, base / args.adapters, mach)
     steps = {k: v / (len(times[threads, FLOOR]) * args.adapters) for k, v in floor_steps.items()}  # mean per adapter
     header = (f"{args.adapters} adapters, {size / 1e6:.1f} MB each (bf16), {cpu_model()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {threads} threads")
+              f"torch {torch.__version__}, {threads} threads, {' '.join(f'{k}={v}' for k, v in omp_env().items()) or 'no OMP/MKL env'}, "
+              f"load average {load[0]:.1f} → {load[1]:.1f}")
     print("\n" + header)
     print("(wall: median repeat; cpu: process CPU time, less sensitive to other jobs on a shared machine)")
     print(f"{'path':40s} {'ms/adapter':>11s} {'adapters/s':>11s} {'MB/s':>9s} {'× read':>7s} {'× floor':>8s} "

@@ -58,6 +58,7 @@ ABLATIONS = {
     "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
     "w2t+neighbourhood": ["model=w2t", "task.head.neighbourhood_weight=1"],  # keep ΔW's neighbourhoods
     "w2t+warm-start": ["model=w2t", "task.head.warm_start=true"],  # start as the best linear read, add to it
+    "w2t+rank-attention": ["model=w2t", "model.encoder.rank_attention=true"],  # attention over rank tokens
 }
 ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}}  # ablations of one task's head: run for that task alone
 LOWER_IS_BETTER = {"mae"}

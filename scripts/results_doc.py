@@ -1,14 +1,19 @@
-"""Write docs/results.md from the committed comparisons: every results/compare/*/compare.md, as written.
+"""Write docs/results.md and the README's results summary from the committed comparisons.
 
-python scripts/results_doc.py [--results results/compare] [--out docs/results.md]
+python scripts/results_doc.py [--results results/compare] [--out docs/results.md] [--readme README.md]
 
-Each comparison is written by scripts/compare.py (its first line is the command that made it); this
-page only gathers them, so a number in it always comes from a committed file.
+Each comparison is written by scripts/compare.py (its first line is the command that made it); docs/results.md
+gathers every results/compare/*/compare.md as written, and the README's block between the `results` markers
+summarizes the comparisons that scored their runs against the best simple read (compare.json's
+`vs_best_baseline`): so a number in either always comes from a committed file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """# Results
@@ -18,6 +23,7 @@ written by `scripts/compare.py`; its first line is the command that made it). Te
 over seeds; the best mean per column is bold. `baseline:` rows are the simple reads of
 docs/design.md §5, scored on the same runs: where one of them is bold, it beats every trained model.
 """
+BEGIN, END = "<!-- results:begin (scripts/results_doc.py) -->", "<!-- results:end -->"
 
 
 def render(results: Path) -> str:
@@ -30,13 +36,54 @@ def render(results: Path) -> str:
     return "\n".join(parts)
 
 
+def summary(results: Path) -> str:
+    """One row per collection × experiment × model: its main metric, the best simple read's (chosen on
+    validation per seed), their difference with its paired bootstrap CI, and who wins."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from scripts.compare import EXPERIMENTS
+    from w2t.tasks import TASKS
+
+    rows = ["| collection | experiment | model | model | best baseline | Δ [95% CI] | verdict |",
+            "|---|---|---|---|---|---|---|"]
+    for path in sorted(results.glob("*/compare.json")):
+        data = json.loads(path.read_text())
+        for experiment, by_model in sorted(data.get("vs_best_baseline", {}).items()):
+            task = TASKS[EXPERIMENTS[experiment]]
+            k = task.primary
+            for model, d in by_model.items():
+                runs = [data["runs"][f"{experiment}/{model}/seed_{s}"] for s in data["seeds"]]
+                ours = [m[f"test/{k}"] for m in runs]
+                base = [m[f"test/baseline_{task.best_baseline(m)}/{k}"] for m in runs]
+                lo, hi = d["ci"]
+                verdict = "model wins" if lo > 0 else "baseline wins" if hi < 0 else "no clear difference"
+                rows.append(f"| {path.parent.name} | {experiment} | {model} | {_cell(ours)} | {_cell(base)} | "
+                            f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
+    return "\n".join(rows)
+
+
+def _cell(values: list[float]) -> str:
+    v = np.asarray(values)
+    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+
+def with_summary(readme: str, results: Path) -> str:
+    """The README with its results block replaced by `summary`."""
+    head, _, rest = readme.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{summary(results)}\n{END}{tail}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "results" / "compare")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args()
     args.out.write_text(render(args.results.resolve()))
-    print(f"wrote {args.out}")
+    args.readme.write_text(with_summary(args.readme.read_text(), args.results.resolve()))
+    print(f"wrote {args.out} and the results block of {args.readme}")
 
 
 if __name__ == "__main__":

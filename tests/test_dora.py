@@ -186,3 +186,26 @@ def test_base_errors_name_the_file(tmp_path: Path) -> None:
         load_adapter(path, base=tmp_path / "bad.safetensors")
     with pytest.raises(W2TError, match="missing.safetensors"):
         load_adapter(path, base=tmp_path / "missing.safetensors")
+
+
+def test_dora_on_a_lycoris_loha_module(tmp_path: Path) -> None:
+    """LyCORIS `dora_wd` on LoHa: the magnitude attaches to the module read from `hada_*`, exact with the base."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 12, 10, 2
+    w1a, w1b, w2a, w2b = (torch.randn(*s, generator=gen) for s in ((m, r), (r, n), (m, r), (r, n)))
+    w0 = torch.randn(m, n, generator=gen)
+    delta = ((w1a @ w1b) * (w2a @ w2b)).double()  # alpha = r: scale 1
+    norms = (w0.double() + delta).norm(dim=1)
+    mag = norms * (1 + 0.3 * torch.randn(m, generator=gen, dtype=torch.float64))
+    save_file({"lora_unet_mid_proj.hada_w1_a": w1a, "lora_unet_mid_proj.hada_w1_b": w1b,
+               "lora_unet_mid_proj.hada_w2_a": w2a, "lora_unet_mid_proj.hada_w2_b": w2b,
+               "lora_unet_mid_proj.alpha": torch.tensor(float(r)),
+               "lora_unet_mid_proj.dora_scale": mag.float().reshape(m, 1)}, str(tmp_path / "loha.safetensors"))
+    save_file({"mid.proj.weight": w0}, str(tmp_path / "base.safetensors"))
+    adapter = load_adapter(tmp_path / "loha.safetensors")
+    assert not adapter.extras and adapter.modules[0].magnitude.shape == (m, 1)
+    mod = load_adapter(tmp_path / "loha.safetensors", base=tmp_path / "base.safetensors").modules[0]
+    c = mag.float().double() / norms
+    want = c[:, None] * (w0.double() + delta) - w0.double()
+    ours = mod.scale * mod.B.double() @ mod.A.double() + (mod.magnitude_scale - 1)[:, None] * w0.double()
+    assert (ours - want).norm() / want.norm() < 1e-5

@@ -153,13 +153,15 @@ def _edit(tokens, fn):
     return out
 
 
-def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama):
-    """Sign flips, rank order and rotations among tied σ change the tokens, never the encoder's output:
-    it is a function of ΔW alone, so it needs no sign rule. Changing ΔW itself does change it."""
+@pytest.mark.parametrize("rank_attention", [False, True])
+def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama, rank_attention):
+    """Sign flips, rank order and rotations among tied σ change the tokens, never the encoder's output,
+    with or without attention over the rank tokens: it needs no sign rule. Changing ΔW itself does change it."""
     ref = _with_tied_sigmas(tokens_of(load_adapter(llama, dtype=torch.float64))[0])
     schema = TokenSchema.from_modules(canonicalize_adapter(load_adapter(llama)))
-    enc = randomize_(W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval())
-    leaky = randomize_(_FirstRankLeak(schema, EncoderConfig(d_model=32, n_heads=4, depth=1)).double().eval())
+    config = EncoderConfig(d_model=32, n_heads=4, depth=1, rank_attention=rank_attention)
+    enc = randomize_(W2TEncoder(schema, config).double().eval())
+    leaky = randomize_(_FirstRankLeak(schema, config).double().eval())
 
     def flip(t):  # (uᵢ, vᵢ) → (−uᵢ, −vᵢ) for ranks 0 and 2
         t["u"][:, [0, 2]] *= -1
@@ -195,6 +197,30 @@ def test_encoder_reads_delta_w_only_not_the_leftovers_of_canonicalization(llama)
             assert change < 1e-10 * scale, f"{name}: output moved by {change:.2e}"
             # the same check catches an encoder that reads the first rank token as it is stored
             assert (z_leak[i] - z_leak[0]).abs().max().item() > 1e-3 * z_leak[0].abs().max().item(), name
+
+
+def test_rank_attention_needs_its_tied_blocks(llama, monkeypatch):
+    """The rotation check catches a rank reader that does not average over tied σ: each token's own
+    probes then follow the arbitrary basis of the tied subspace."""
+    import w2t.models.rank_tokens as rank_tokens
+
+    ref = _with_tied_sigmas(tokens_of(load_adapter(llama, dtype=torch.float64))[0])
+    schema = TokenSchema.from_modules(canonicalize_adapter(load_adapter(llama)))
+    enc = randomize_(W2TEncoder(schema, EncoderConfig(d_model=32, n_heads=4, depth=1, rank_attention=True)).double().eval())
+
+    def rotate(t):
+        c, s = math.cos(0.7), math.sin(0.7)
+        for k in ("u", "v"):
+            a, b = t[k][:, 0].clone(), t[k][:, 1].clone()
+            t[k][:, 0], t[k][:, 1] = c * a + s * b, -s * a + c * b
+
+    rotated = _edit(ref, rotate)
+    with torch.no_grad():
+        z, z_rot = enc(collate_tokens([ref, rotated])).unbind(0)
+        assert (z - z_rot).abs().max() < 1e-10 * z.abs().max()
+        monkeypatch.setattr(rank_tokens, "tied_blocks", lambda s, mask, rtol: torch.diag_embed(mask.to(s.dtype)))
+        z, z_rot = enc(collate_tokens([ref, rotated])).unbind(0)
+    assert (z - z_rot).abs().max() > 1e-3 * z.abs().max()
 
 
 class _FirstRankLeak(W2TEncoder):

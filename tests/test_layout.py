@@ -53,3 +53,7 @@ def test_results_page_is_generated_from_the_committed_comparisons():
     render = runpy.run_path(str(root / "scripts" / "results_doc.py"))["render"]
     assert (root / "docs" / "results.md").read_text() == render(root / "results" / "compare"), \
         "docs/results.md is stale: run python scripts/results_doc.py"
+    readme = (root / "README.md").read_text()
+    with_summary = runpy.run_path(str(root / "scripts" / "results_doc.py"))["with_summary"]
+    assert "<!-- results:begin" in readme and readme == with_summary(readme, root / "results" / "compare"), \
+        "README's results block is stale: run python scripts/results_doc.py"

@@ -323,7 +323,7 @@ def _train_cli(*args, cwd=ROOT, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["no metadata", "unknown column", "strict", "pickle"])
+@pytest.mark.parametrize("case", ["no metadata", "unknown column", "strict", "pickle", "no root"])
 def test_a_bad_input_is_one_line_exit_code_2_and_recorded_in_the_run(case, tiny_collection, tmp_path):
     from safetensors.torch import load_file
 
@@ -342,6 +342,7 @@ def test_a_bad_input_is_one_line_exit_code_2_and_recorded_in_the_run(case, tiny_
         "unknown column": ([f"data.root={tiny_collection}", "data.label_column=colour"], "column 'colour' is not in"),
         "strict": ([f"data.root={broken}", "data.strict=true"], "not a readable safetensors file"),
         "pickle": ([f"data.root={pickled}", "data.strict=true"], "add data.allow_pickle=true"),
+        "no root": (["data=collection"], "no collection given: pass data.root=DIR"),  # not the default collection
     }[case]
     proc = _train_cli("experiment=classification", f"paths.data_dir={tmp_path / 'data'}", *args, tmp_path=tmp_path)
     out = proc.stdout + proc.stderr

@@ -125,12 +125,14 @@ def _canonicalize(Pa: _Panels, Pb: _Panels, s: torch.Tensor, rtol: float, sign_r
 # factors stored in a lower precision (bf16, float32) are converted to float64 (exactly) into a small
 # reused buffer that stays in cache, and Uᵀ, Vᵀ are formed straight into the output, where the
 # chunk's cubes (the sign rule) and flips find them still in cache. Every output byte is written
-# once, no float64 copy of all the factors is made and no large temporary is allocated (fresh pages
-# cost as much as a memory pass on a VM). With several intra-op threads every op is a parallel region
-# ending in a barrier, and on a loaded machine each one waits for descheduled peers: there a bucket
-# is one chunk (converted to float64 once, then each pass is one batched op). Measured on 2 shared
-# cores (load ~5): with 1 thread 2–4 MiB chunks are best (whole buckets cost 1.5×); with 2 threads
-# whole buckets are (16 MiB chunks cost 1.6–1.9×, 4 MiB ones 1.8×).
+# once, and with one thread no float64 copy of all the factors is made and no large temporary is
+# allocated (fresh pages cost as much as a memory pass on a VM). With several intra-op threads every
+# op is a parallel region ending in a barrier, and on a loaded machine each one waits for descheduled
+# peers (GNU OpenMP's default active waiting makes that worse): there a bucket is one chunk, its
+# factors converted to float64 once, and each pass is one batched op. Measured on 2 shared cores
+# (load 4–6): with 1 thread, 2–4 MiB chunks (whole buckets cost 1.4–1.5×); with 2 threads, whole
+# buckets (2 MiB chunks cost 1.6–2.0×, 16 MiB ones 1.1–1.3×; with OMP_WAIT_POLICY=PASSIVE the order
+# reverses, whole buckets cost 1.5–1.6× of 2 MiB chunks).
 _CHUNK_BYTES = 2 << 20
 _CHUNK_BYTES_THREADED = 1 << 40  # whole buckets
 
@@ -143,9 +145,9 @@ class _Panels:
     """The k factors X (m, r) of one side of a batch (B, or Aᵀ), handed out in float64 a chunk at a time.
 
     `src` is a (k, m, r) tensor of any float dtype and strides (`A.mT` is a view), or a list of k
-    matrices of one shape: the modules' own factors, X = mat (`transposed=False`) or mat.mT, never
-    stacked in their own dtype. Stacked float64 factors are used in place; anything else is converted
-    chunk by chunk into a reused buffer, or, when one chunk holds them all, once (`convert`).
+    matrices of one shape: the modules' own factors, X = mat (`transposed=False`) or mat.mT. Stacked
+    float64 factors are used in place; anything else is converted chunk by chunk into a reused
+    buffer (stacking and converting in one pass), or, when one chunk holds them all, once (`convert`).
     """
 
     def __init__(self, src: torch.Tensor | list[torch.Tensor], transposed: bool = False):
@@ -380,9 +382,10 @@ def canonicalize_adapter(
     Modules of one type share a shape, so a transformer adapter costs a handful of batched
     Gram/Cholesky/SVD calls instead of one per module; the per-module work left in Python is
     building the result list (views into the batched outputs). On the CPU (`device` None or "cpu")
-    the factors are read where they are, in their own dtype, a few modules at a time (converted to
-    float64 in cache) and never stacked whole; on another device they are stacked there, in their
-    own dtype, and the results come back to the CPU. `method` as in `canonicalize`.
+    the factors are read where they are, in their own dtype: with one thread a few modules at a time
+    (stacked and converted to float64 in cache, never whole), with several a bucket at a time (see
+    `_CHUNK_BYTES`). On another device they are stacked there, in their own dtype, and the results
+    come back to the CPU. `method` as in `canonicalize`.
     """
     on_cpu = device is None or torch.device(device).type == "cpu"
     buckets: dict[tuple[int, int, int], list[int]] = {}

@@ -122,6 +122,8 @@ class AdapterDataModule(L.LightningDataModule):
             return Path(self.hp.path)
         if self.hp.root:
             return Path(self.hp.root)
+        if not self.hp.collection:
+            raise CollectionError("no collection given: pass data.root=DIR (data=collection) or data.path=DIR (data=hf)")
         return ensure_collection(self.hp.collection, self.hp.data_dir)
 
     def _cached_table(self):

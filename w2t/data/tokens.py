@@ -96,7 +96,7 @@ def tokenize(
             "v": torch.zeros(g.num_layers, g.max_rank, g.n, dtype=dtype),  # (L, R, n)
             "s": torch.zeros(g.num_layers, g.max_rank, dtype=dtype),  # (L, R)
             "mask": torch.zeros(g.num_layers, g.max_rank, dtype=torch.bool),  # (L, R)
-            "f": torch.zeros(g.num_layers, MODULE_FEATURES, dtype=torch.float32),  # (L, F) module features (DoRA)
+            "f": torch.zeros(g.num_layers, MODULE_FEATURES, dtype=dtype),  # (L, F) module features (DoRA)
         }
     unknown: list[str] = []
     taken: set[tuple[str, int]] = set()
@@ -118,7 +118,7 @@ def tokenize(
         t["s"][li, :r] = mod.S.to(dtype)
         t["mask"][li, :r] = mod.mask
         if mod.features is not None:
-            t["f"][li] = mod.features.float()
+            t["f"][li] = mod.features.to(dtype)
     if unknown and strict:
         raise SchemaError("modules outside the schema: " + "; ".join(unknown), path=source)
     return out, unknown

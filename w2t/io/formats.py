@@ -416,6 +416,10 @@ def _assemble(
         raise NoLoraKeysError("the file holds no tensors", path)
     lycoris, left = read_lycoris(path, tensors, config, dtype, max_rank)
     groups, extras = _group(path, left, config)
+    by_name = {m.name: m for m in lycoris}
+    for key in [k for k in extras if split_key(k)[1] == "dora_magnitude" and split_key(k)[0] in by_name]:
+        mod, t = by_name[split_key(key)[0]], extras.pop(key)  # DoRA on LoHa/LoKr (LyCORIS `dora_wd`)
+        mod.magnitude = _magnitude(path, key, t, mod.shape[0], t.shape[1] if t.ndim >= 2 else mod.shape[1])
     if not groups and not lycoris:
         sample = ", ".join(f"'{k}'" for k in list(tensors)[:3])
         raise NoLoraKeysError(

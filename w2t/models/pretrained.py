@@ -25,6 +25,7 @@ from safetensors.torch import save_model
 from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL
 from w2t.errors import SchemaError, W2TError
 from w2t.io.formats import load_adapter
+from w2t.io.lycoris import DEFAULT_MAX_RANK
 from w2t.progress import progress
 from w2t.canon.representation import adapter_components
 from w2t.data.tokens import TokenSchema, Tokens, collate_tokens, tokenize
@@ -145,12 +146,13 @@ class Encoder(nn.Module):
         return directory
 
     # ---- embedding -----------------------------------------------------------------------------
-    def adapter_tokens(self, path: str | Path, *, allow_pickle: bool = False, base: str | Path | None = None) -> Tokens:
-        """Read → canonicalize → tokenize one adapter against this encoder's schema (`base`: see `load_adapter`).
+    def adapter_tokens(self, path: str | Path, *, allow_pickle: bool = False, base: str | Path | None = None,
+                       max_rank: int = DEFAULT_MAX_RANK) -> Tokens:
+        """Read → canonicalize → tokenize one adapter against this encoder's schema (options: see `load_adapter`).
 
         Modules outside the schema are masked with a warning naming them; SchemaError when none fits.
         """
-        adapter = load_adapter(path, allow_pickle=allow_pickle, base=base)
+        adapter = load_adapter(path, allow_pickle=allow_pickle, base=base, max_rank=max_rank)
         modules = adapter_components(adapter, self.canon.representation, rtol=self.canon.rtol,
                                      sign_rule=self.canon.sign_rule)
         tokens, unknown = tokenize(modules, self.schema, strict=False, source=path)
@@ -175,14 +177,16 @@ class Encoder(nn.Module):
             self.train(was_training)
 
     def embed(self, paths: str | Path | Sequence[str | Path], *, batch_size: int = 32,
-              allow_pickle: bool = False, base: str | Path | None = None) -> torch.Tensor:
+              allow_pickle: bool = False, base: str | Path | None = None, max_rank: int = DEFAULT_MAX_RANK) -> torch.Tensor:
         """Embeddings (N, d) of adapter files/folders, in order; the first unreadable adapter raises."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        out = [emb for _, emb in self._embed_batches(paths, batch_size, {"allow_pickle": allow_pickle, "base": base}, on_error=None)]
+        out = [emb for _, emb in self._embed_batches(paths, batch_size, {"allow_pickle": allow_pickle, "base": base,
+                                                                           "max_rank": max_rank}, on_error=None)]
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     def embed_many(self, paths: Sequence[str | Path], ids: Sequence[str] | None = None, *,
-                   batch_size: int = 32, allow_pickle: bool = False, base: str | Path | None = None) -> EmbedResult:
+                   batch_size: int = 32, allow_pickle: bool = False, base: str | Path | None = None,
+                   max_rank: int = DEFAULT_MAX_RANK) -> EmbedResult:
         """Embed a library: an adapter that fails is logged and listed in `failed`, the rest go on."""
         ids = [str(p) for p in paths] if ids is None else [str(i) for i in ids]
         if len(ids) != len(paths):
@@ -194,7 +198,7 @@ class Encoder(nn.Module):
             failed[ids[i]] = f"{type(error).__name__}: {error}"
 
         done, out = [], []
-        for idx, emb in self._embed_batches(list(paths), batch_size, {"allow_pickle": allow_pickle, "base": base},
+        for idx, emb in self._embed_batches(list(paths), batch_size, {"allow_pickle": allow_pickle, "base": base, "max_rank": max_rank},
                                             on_error=report):
             done += [ids[i] for i in idx]
             out.append(emb)

@@ -12,6 +12,9 @@ the rest is residual:
   leftovers of docs/design.md §2), and Pᵤ, Pᵥ start orthonormal, so at k ≥ max(m, n) it keeps all of ΔŴ.
   σ also enters as log-scaled features: the update's size ‖ΔW‖ and its spectrum σᵢ/‖σ‖; so do a
   module's features (DoRA's magnitudes, w2t/canon/dora.py; zero for plain LoRA, so they add nothing there);
+* rank level, optionally (`rank_attention`): attention among a module's rank tokens, read through
+  features invariant to each token's sign and to rotations among tied σ (w2t/models/rank_tokens.py),
+  added to the module token as a residual that starts at zero;
 * module level: one linear map per module *type* (shared by every layer), then a small binding
   matrix per position, so a mean over modules keeps which module said what;
 * adapter level: a module-level Transformer whose residual branches start at zero (the identity),
@@ -29,6 +32,7 @@ from w2t.canon.dora import MODULE_FEATURES
 from w2t.models.features import bilinear_readout, orthonormal
 from w2t.models.layers import SigmaFeatures, pool_modules
 from w2t.models.pretrained import Encoder
+from w2t.models.rank_tokens import RankAttention
 from w2t.data.tokens import TokenSchema, Tokens
 
 
@@ -42,6 +46,7 @@ class EncoderConfig:
     dropout: float = 0.1  # inside the Transformer
     module_dropout: float = 0.15  # augmentation: drop whole modules while training
     sigma_features: bool = True  # log-scaled ‖ΔW‖ and σᵢ/‖σ‖ (mean over ranks) per module
+    rank_attention: bool = False  # also read each module's rank tokens by attention (w2t/models/rank_tokens.py)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -68,6 +73,8 @@ class W2TEncoder(Encoder):
         if cfg.sigma_features:
             self.size = nn.ModuleList(SigmaFeatures(dm) for _ in schema.groups)
             self.spectrum = nn.ModuleList(SigmaFeatures(dm) for _ in schema.groups)
+        if cfg.rank_attention:
+            self.ranks = nn.ModuleList(RankAttention(g.m, g.n, dm) for g in schema.groups)
         self.magnitude = nn.ModuleList(nn.Linear(MODULE_FEATURES, dm, bias=False) for _ in schema.groups)
         self.bind = nn.ParameterList(nn.Parameter(torch.randn(g.num_layers, dm, d) / dm**0.5) for g in schema.groups)
         if cfg.depth:
@@ -93,6 +100,8 @@ class W2TEncoder(Encoder):
         if self.config.sigma_features:
             m = t["mask"].unsqueeze(-1).to(x.dtype)
             x = x + self.size[i](norm) + (self.spectrum[i](w) * m).sum(2) / m.sum(2).clamp_min(1)  # mean over ranks
+        if self.config.rank_attention:
+            x = x + self.ranks[i](t["u"], t["v"], t["s"], t["mask"])
         x = x + self.magnitude[i](t["f"])
         x = torch.einsum("blc,lcd->bld", x, self.bind[i])  # (B, L, d) bound to its position
         return x, present

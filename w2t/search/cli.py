@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from w2t.errors import W2TError
+from w2t.io.lycoris import DEFAULT_MAX_RANK
 
 ADAPTER_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 DEFAULT_COLUMNS = 6  # metadata columns shown beside hits when --columns is not given
@@ -68,6 +69,7 @@ def embed_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--allow-pickle", action="store_true", help="also read .bin/.pt files (weights_only)")
     ap.add_argument("--base", help="the base model's safetensors (file or folder): DoRA adapters read exactly")
+    ap.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="widest LoHa/LoKr product read exactly")
     args = ap.parse_args(argv)
 
     from w2t.models import load_pretrained
@@ -85,7 +87,7 @@ def embed_main(argv: list[str] | None = None) -> int:
             raise W2TError("no adapters found", args.collection or args.adapters)
         ids, paths = zip(*items)
         result = encoder.embed_many(paths, ids, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
-                                     base=args.base)
+                                     base=args.base, max_rank=args.max_rank)
         meta = {"encoder": str(Path(args.encoder).resolve()), "encoder_sha256": fingerprint(args.encoder),
                 "failed": result.failed}
         if args.format == "hf":
@@ -118,6 +120,7 @@ def search_main(argv: list[str] | None = None) -> int:
                     help="auto: faiss where it is installed (a datasets folder through its own FAISS index), else torch")
     ap.add_argument("--allow-pickle", action="store_true")
     ap.add_argument("--base", help="the base model's safetensors (file or folder): DoRA queries read exactly")
+    ap.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="widest LoHa/LoKr product read exactly")
     args = ap.parse_args(argv)
 
     from w2t.models import load_pretrained
@@ -130,7 +133,7 @@ def search_main(argv: list[str] | None = None) -> int:
         if meta.get("encoder_sha256") not in (None, fingerprint(args.encoder)):
             raise W2TError(f"the index was written by another encoder ({meta.get('encoder')}): "
                            "embeddings of different encoders are not comparable", args.index)
-        queries = encoder.embed(args.query, allow_pickle=args.allow_pickle, base=args.base)
+        queries = encoder.embed(args.query, allow_pickle=args.allow_pickle, base=args.base, max_rank=args.max_rank)
         backend = args.backend if args.backend != "auto" else "faiss" if importlib.util.find_spec("faiss") else "torch"
         if dataset is not None and backend == "faiss":
             from w2t.search.hub import search_library
