@@ -45,7 +45,7 @@ def summary(results: Path) -> str:
     from scripts.compare import EXPERIMENTS
     from w2t.tasks import TASKS
 
-    rows = ["| collection | experiment | model | model | best baseline | Δ [95% CI] | verdict |",
+    rows = ["| collection | experiment | model | main metric | best baseline's | Δ [95% CI] | verdict |",
             "|---|---|---|---|---|---|---|"]
     for path in sorted(results.glob("*/compare.json")):
         data = json.loads(path.read_text())
