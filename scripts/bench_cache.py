@@ -101,9 +101,7 @@ def main_read(args) -> None:
     cache_dir = args.cache_dir or str(Path(args.root) / "cache")
     with tempfile.TemporaryDirectory() as tmp:
         rows, sizes = read_rows(root, cache_dir, args.repeats, Path(tmp) / "hf")
-    result = {"collection": args.collection, **sizes, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-              "load_avg_1min": os.getloadavg()[0], "machine": platform.machine(), "torch": torch.__version__,
-              "rows": rows}
+    result = {"collection": args.collection, **sizes, "repeats": args.repeats, **machine(), "rows": rows}
     print(f"token cache read: {args.collection}, {sizes['adapters']} adapters; shards {sizes['shards_mib']:.1f} MiB, "
           f"arrow (tokens + factors) {sizes['arrow_mib']:.1f} MiB; {os.cpu_count()} CPUs (load "
           f"{result['load_avg_1min']:.1f}), best and median of {args.repeats}")
@@ -112,6 +110,12 @@ def main_read(args) -> None:
         print(f"{row['what']:<17}  {row['source']:<19}  {row['best_s']:>7.3f}  {row['median_s']:>8.3f}  "
               f"{row['adapters_per_s']:>10.1f}  {row['speedup']:>6.2f}x")
     write(result, args.out or "bench_results/cache_read.json")
+
+
+def machine() -> dict:
+    """What the figures depend on: cores, the load while measuring, the CPU and torch."""
+    return {"cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "machine": platform.machine(),
+            "torch": torch.__version__}
 
 
 def write(result: dict, path: str) -> None:
@@ -155,9 +159,7 @@ def main() -> None:
         row["speedup"] = rows[0]["seconds"] / row["seconds"]
 
     result = {"collection": args.collection, "adapters": len(items),
-              "collection_mib": disk_usage(root) / 2**20, "device": args.device or "cpu",
-              "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-              "machine": platform.machine(), "torch": torch.__version__, "rows": rows}
+              "collection_mib": disk_usage(root) / 2**20, "device": args.device or "cpu", **machine(), "rows": rows}
     print(f"token cache build: {args.collection}, {len(items)} adapters ({result['collection_mib']:.1f} MiB), "
           f"{os.cpu_count()} CPUs (load {result['load_avg_1min']:.1f}), device {result['device']}")
     print(f"{'workers':>7}  {'threads':>7}  {'seconds':>8}  {'adapters/s':>10}  {'speedup':>7}")

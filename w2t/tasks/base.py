@@ -15,7 +15,7 @@ import torch.nn as nn
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from w2t.data.tokens import TokenSchema
+from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
 from w2t.models.features import delta_w_features, sketch_features, spectral_features
 
 ESTIMATORS = ("linear", "knn")
@@ -175,16 +175,14 @@ class PredictionTask(Task):
     def init_prior(self, info, d_out: int, warm_start: bool) -> None:
         """`warm_start`: outputs are a `LinearPrior` on `dw+spectrum` plus the head (which must start at 0)."""
         self.schema = TokenSchema.from_dict(info.schema)
-        if warm_start:
-            empty = {g.name: {"u": torch.zeros(1, g.num_layers, g.max_rank, g.m), "v": torch.zeros(1, g.num_layers, g.max_rank, g.n),
-                              "s": torch.zeros(1, g.num_layers, g.max_rank), "mask": torch.zeros(1, g.num_layers, g.max_rank, dtype=torch.bool)}
-                     for g in self.schema.groups}
+        if warm_start:  # the features' width, from an adapter with no module
+            empty = collate_tokens([tokenize([], self.schema)[0]])
             self.prior = LinearPrior(self.features(empty, self.schema, 0, sketch=False)["dw+spectrum"].shape[1], d_out)
         else:
             self.prior = None
 
     def prior_outputs(self, tokens) -> torch.Tensor | float:
-        """The prior's outputs, in the units of `linear_outputs` (0 without a prior)."""
+        """The prior's outputs, in the units of `outputs` (0 without a prior)."""
         if self.prior is None:
             return 0.0
         return self.prior(self.features(tokens, self.schema, 0, sketch=False)["dw+spectrum"]).float()

@@ -27,8 +27,8 @@ class Performance(PredictionTask):
 
     def outputs(self, emb, tokens=None):
         """Predictions in the target's units: the prior's, or the target's mean, plus the head's in std units."""
-        start = self.prior_outputs(tokens) if self.prior is not None else self.mean
-        return self.head(emb).squeeze(-1) * self.std + (start.squeeze(-1) if torch.is_tensor(start) else start)
+        start = self.prior_outputs(tokens).squeeze(-1) if self.prior is not None else self.mean
+        return self.head(emb).squeeze(-1) * self.std + start
 
     def loss(self, emb, batch):
         return ((self.outputs(emb, batch["tokens"]) - batch["target"]) / self.std).square().mean()  # MSE in std units

@@ -95,7 +95,7 @@ class AdapterModel(L.LightningModule):
 
     # whole-split evaluation: keep every output, score once at epoch end ------------------------
     def _record(self, batch) -> dict:
-        out = self.task.outputs(self.encoder(batch["tokens"]), batch["tokens"])
+        out = self(batch["tokens"])
         return {"out": out.detach(), **{k: v for k, v in batch.items() if k != "tokens"}}
 
     def _eval_step(self, batch):

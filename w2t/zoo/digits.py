@@ -169,7 +169,9 @@ def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
         data = DigitsData.load(recipe.n_test, recipe.seed)
         base = train_base(recipe.vit, data, steps=recipe.base_steps, lr=recipe.base_lr,
                           batch=recipe.base_batch, seed=recipe.seed)
-        save_base(base, data, dest, n_test=recipe.n_test, seed=recipe.seed)
+        save_base(base, data, dest, n_test=recipe.n_test, seed=recipe.seed, arch="vit",
+                  probe="frozen random linear readout on the CLS feature; logit > 0 means "
+                        "'digit in subset'; not part of any adapter")
         jobs = plan(recipe)
         init_args = (base.state_dict(), recipe.vit, data, recipe.seed)
         with pooled_map(_train_adapter, jobs, dest, recipe.batch, init=_init_worker,

@@ -21,13 +21,13 @@ from typing import ClassVar
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from w2t.errors import CollectionError
 from w2t.progress import progress
 from w2t.zoo.builder import RecipeBase, deterministic, plan_jobs, pooled_map
-from w2t.zoo.digits_model import DigitsData, evaluate_classes, train_base
+from w2t.zoo.digits_model import DigitsData, save_base, train_base
 
 RECIPE_VERSION = 1  # bump whenever the build code changes what a recipe produces
 
@@ -188,16 +188,6 @@ def pair_accuracy(features: nn.Module, probe: nn.Module, data: DigitsData, posit
 
 # ---- the base ---------------------------------------------------------------------------------
 
-def save_base(model: DigitsCNN, data: DigitsData, folder: Path, *, n_test: int, seed: int) -> None:
-    """Write `base_model.safetensors` + `base_config.json`: enough to rebuild the base and its split."""
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "base_model.safetensors")
-    info = {"cnn": model.cfg.to_dict(), "data": {"n_test": n_test, "seed": seed},
-            "test_accuracy_10way": round(evaluate_classes(model, data.x_test, data.y_test), 4),
-            "probe": "frozen random linear readout on the pooled feature; logit > 0 means "
-                     "'the positive digit of the pair'; not part of any adapter"}
-    (folder / "base_config.json").write_text(json.dumps(info, indent=2))
-
-
 def load_base(folder: str | Path) -> tuple[DigitsCNN, DigitsData]:
     """The base CNN of a built collection and the exact train/test split it and its adapters used."""
     folder = Path(folder)
@@ -255,7 +245,9 @@ def build(recipe: Recipe, dest: Path, workers: int) -> pd.DataFrame:
         data = DigitsData.load(recipe.n_test, recipe.seed)
         base = train_base(recipe.cnn, data, steps=recipe.base_steps, lr=recipe.base_lr,
                           batch=recipe.base_batch, seed=recipe.seed, make=DigitsCNN)
-        save_base(base, data, dest, n_test=recipe.n_test, seed=recipe.seed)
+        save_base(base, data, dest, n_test=recipe.n_test, seed=recipe.seed, arch="cnn",
+                  probe="frozen random linear readout on the pooled feature; logit > 0 means "
+                        "'the positive digit of the pair'; not part of any adapter")
         jobs = plan(recipe)
         with pooled_map(_train_adapter, jobs, dest, recipe.batch, init=_init_worker,
                         init_args=(base.state_dict(), recipe.cnn, data), clear=_WORKER.clear,

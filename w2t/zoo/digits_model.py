@@ -203,14 +203,15 @@ def train_base(cfg: Any, data: DigitsData, *, steps: int, lr: float, batch: int,
     return model
 
 
-def save_base(model: DigitsViT, data: DigitsData, folder: Path, *, n_test: int, seed: int) -> None:
-    """Write `base_model.safetensors` + `base_config.json`: enough to rebuild the base and its split."""
+def save_base(model: nn.Module, data: DigitsData, folder: Path, *, n_test: int, seed: int, arch: str,
+              probe: str) -> None:
+    """Write `base_model.safetensors` + `base_config.json` (`model.cfg` under the key `arch`, the split, the
+    10-way test accuracy, what the probe means): enough to rebuild any digits base and its split."""
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               folder / "base_model.safetensors")
-    info = {"vit": model.cfg.to_dict(), "data": {"n_test": n_test, "seed": seed},
+    info = {arch: model.cfg.to_dict(), "data": {"n_test": n_test, "seed": seed},
             "test_accuracy_10way": round(evaluate_classes(model, data.x_test, data.y_test), 4),
-            "probe": "frozen random linear readout on the CLS feature; logit > 0 means "
-                     "'digit in subset'; not part of any adapter"}
+            "probe": probe}
     (folder / "base_config.json").write_text(json.dumps(info, indent=2))
 
 
