@@ -1,7 +1,8 @@
-"""Token-cache build throughput by worker processes × torch threads; --read: reading it back, shards vs Arrow.
+"""Token-cache build throughput by worker processes × torch threads; --read: reading it back, by entry format.
 
 Build: adapters/s by worker processes × torch threads per process. --read: how fast a built cache reads
-back, from its safetensors shards and from the same collection exported to Arrow (datasets).
+back, from its Arrow entries, from the same tokens as safetensors entries (the format measured against
+it), and from the collection exported as one Arrow folder (datasets).
 
 python scripts/bench_cache.py [--collection digits] [--root data] [--workers 1 2] [--threads 2 1]
     [--device cuda] [--out bench_results/cache.json]
@@ -12,10 +13,11 @@ canonicalize it, write its entry. The process pool is forced even below `PARALLE
 (`parallel_min=0`), and its start-up (spawned workers import torch) is part of the time, as in a
 real build. Threads are set with torch.set_num_threads here and OMP_NUM_THREADS in the workers.
 The adapter files are read once first, so every setting reads from the page cache.
---read times, from the page cache (one untimed pass first), every adapter's cache entry read into
-CanonicalModule tensors (`load_entry` per shard; `ExportedCollection.modules`, memory-mapped, opening
-included), and a DataModule's `setup` on each (metadata, finding entries: hashing every adapter file
-for the shards; reading them; the schema). Prints a table and writes JSON.
+--read times, from the page cache (one untimed pass first), every adapter's tokens read into
+CanonicalModule tensors (`load_entry` per Arrow entry; one safetensors file per entry; the folder's
+`ExportedCollection.modules`, memory-mapped, opening included), and a DataModule's `setup` on the cache
+and the folder (metadata, finding entries: hashing every adapter file for the cache; reading them; the
+schema). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without `pip install -e .`
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from w2t.canon.canonical import CanonicalModule
 from w2t.data.cache import CacheOptions, TokenCache, content_hash, load_entry
 from w2t.data.collection import read_metadata
 from w2t.data.datamodule import AdapterDataModule
@@ -62,28 +68,56 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def read_rows(root: Path, cache_dir: str, repeats: int, hf_dir: Path) -> tuple[list[dict], dict]:
-    """Seconds to read every token entry, and a DataModule's setup, from safetensors shards and from Arrow."""
+def save_safetensors_entry(target: Path, modules: list) -> None:
+    """The alternative entry format measured against Arrow: every token tensor in one safetensors file."""
+    tensors = {}
+    for i, m in enumerate(modules):
+        tensors.update({f"{i}.U": m.U, f"{i}.S": m.S, f"{i}.V": m.V, f"{i}.mask": m.mask})
+        if m.features is not None:
+            tensors[f"{i}.F"] = m.features
+    meta = json.dumps([[m.module_type, m.layer] for m in modules])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata={"modules": meta})
+
+
+def load_safetensors_entry(path: Path) -> list[CanonicalModule]:
+    with safe_open(str(path), framework="pt") as f:
+        meta, t = json.loads(f.metadata()["modules"]), {k: f.get_tensor(k) for k in f.keys()}
+    return [CanonicalModule(typ, layer, t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"], t[f"{i}.mask"], t.get(f"{i}.F"))
+            for i, (typ, layer) in enumerate(meta)]
+
+
+def read_rows(root: Path, cache_dir: str, repeats: int, tmp: Path) -> tuple[list[dict], dict]:
+    """Seconds to read every adapter's tokens: the cache's Arrow entries, the same tokens as safetensors
+    entries, and the collection exported as one Arrow folder; and a DataModule's setup on the cache and the folder."""
     kw = dict(cache_dir=cache_dir, group_column=None, role_column=None)
     dm = AdapterDataModule(root=str(root), **kw)
     dm.setup()  # builds what the cache lacks
-    export_collection(dm, hf_dir)
+    hf_dir = export_collection(dm, tmp / "hf")
     entries = dm.entries
     n = len(entries)
+    st_entries = [tmp / "st" / f"{i}.safetensors" for i in range(n)]
+    st_entries[0].parent.mkdir()
+    for e, st in zip(entries, st_entries):
+        save_safetensors_entry(st, load_entry(e))
 
-    def shards():
+    def arrow_entries():
         return [load_entry(e) for e in entries]
 
-    def arrow():
+    def safetensors_entries():
+        return [load_safetensors_entry(e) for e in st_entries]
+
+    def arrow_folder():
         hf = ExportedCollection(hf_dir, CacheOptions())
         return [hf.modules(i) for i in range(n)]
 
-    a, b = shards(), arrow()  # the same tensors: dtype, shape and values
-    assert all(torch.equal(x.U, y.U) and x.U.dtype == y.U.dtype and torch.equal(x.V, y.V) and torch.equal(x.S, y.S)
-               and torch.equal(x.mask, y.mask) for ma, mb in zip(a, b) for x, y in zip(ma, mb, strict=True))
-    cases = [("token entries", "safetensors shards", shards), ("token entries", "arrow (datasets)", arrow),
-             ("datamodule setup", "safetensors shards", lambda: AdapterDataModule(root=str(root), **kw).setup()),
-             ("datamodule setup", "arrow (datasets)", lambda: AdapterDataModule(path=str(hf_dir), **kw).setup())]
+    ref = arrow_entries()
+    for other in (safetensors_entries(), arrow_folder()):  # the same tensors: dtype, shape and values
+        assert all(torch.equal(x.U, y.U) and x.U.dtype == y.U.dtype and torch.equal(x.V, y.V) and torch.equal(x.S, y.S)
+                   and torch.equal(x.mask, y.mask) for ma, mb in zip(ref, other) for x, y in zip(ma, mb, strict=True))
+    cases = [("token entries", "arrow entries", arrow_entries), ("token entries", "safetensors entries", safetensors_entries),
+             ("token entries", "arrow folder", arrow_folder),
+             ("datamodule setup", "arrow entries", lambda: AdapterDataModule(root=str(root), **kw).setup()),
+             ("datamodule setup", "arrow folder", lambda: AdapterDataModule(path=str(hf_dir), **kw).setup())]
     rows = []
     for what, source, fn in cases:
         seconds = timed(fn, repeats)
@@ -92,18 +126,20 @@ def read_rows(root: Path, cache_dir: str, repeats: int, hf_dir: Path) -> tuple[l
     for row in rows:
         first = next(r for r in rows if r["what"] == row["what"])
         row["speedup"] = first["best_s"] / row["best_s"]
-    entry_bytes = sum(Path(e).stat().st_size for e in entries)
-    return rows, {"adapters": n, "shards_mib": entry_bytes / 2**20, "arrow_mib": disk_usage(hf_dir) / 2**20}
+    mib = lambda files: sum(Path(f).stat().st_size for f in files) / 2**20  # noqa: E731
+    return rows, {"adapters": n, "arrow_entries_mib": mib(entries), "safetensors_entries_mib": mib(st_entries),
+                  "arrow_folder_mib": disk_usage(hf_dir) / 2**20}
 
 
 def main_read(args) -> None:
     root = ensure_collection(args.collection, args.root)
     cache_dir = args.cache_dir or str(Path(args.root) / "cache")
     with tempfile.TemporaryDirectory() as tmp:
-        rows, sizes = read_rows(root, cache_dir, args.repeats, Path(tmp) / "hf")
+        rows, sizes = read_rows(root, cache_dir, args.repeats, Path(tmp))
     result = {"collection": args.collection, **sizes, "repeats": args.repeats, **machine(), "rows": rows}
-    print(f"token cache read: {args.collection}, {sizes['adapters']} adapters; shards {sizes['shards_mib']:.1f} MiB, "
-          f"arrow (tokens + factors) {sizes['arrow_mib']:.1f} MiB; {os.cpu_count()} CPUs (load "
+    print(f"token cache read: {args.collection}, {sizes['adapters']} adapters; arrow entries "
+          f"{sizes['arrow_entries_mib']:.1f} MiB, safetensors entries {sizes['safetensors_entries_mib']:.1f} MiB, "
+          f"arrow folder (tokens + factors) {sizes['arrow_folder_mib']:.1f} MiB; {os.cpu_count()} CPUs (load "
           f"{result['load_avg_1min']:.1f}), best and median of {args.repeats}")
     print(f"{'what':<17}  {'source':<19}  {'best s':>7}  {'median s':>8}  {'adapters/s':>10}  {'speedup':>7}")
     for row in rows:
@@ -133,7 +169,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads(), 1],
                     help="torch threads per process (default: torch's default, then 1)")
     ap.add_argument("--device", default=None, help="canonicalize on this device (e.g. cuda); default: CPU")
-    ap.add_argument("--read", action="store_true", help="time reading a built cache: safetensors shards against Arrow")
+    ap.add_argument("--read", action="store_true", help="time reading a built cache: its Arrow entries, safetensors entries, an Arrow folder")
     ap.add_argument("--repeats", type=int, default=5, help="--read: timed passes per case")
     ap.add_argument("--cache-dir", help="--read: the token cache (default: ROOT/cache, as paths.cache_dir)")
     ap.add_argument("--out", help="default: bench_results/cache.json, or cache_read.json with --read")

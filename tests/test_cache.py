@@ -91,26 +91,26 @@ def test_bad_adapter_in_the_middle_is_skipped_and_reported(items, tmp_path, tiny
 
 
 def test_interrupted_build_leaves_no_corrupt_entry_and_resumes(items, tmp_path, monkeypatch):
-    real_save = cache_mod.save_file
+    real_save = cache_mod.write_ipc
     n = {"calls": 0}
 
-    def dying_save(tensors, filename, metadata=None):
+    def dying_save(table, filename):
         n["calls"] += 1
         if n["calls"] == 4:
             with open(filename, "wb") as f:  # half-written temporary file, then the process "dies"
                 f.write(b"garbage")
             raise KeyboardInterrupt
-        return real_save(tensors, filename, metadata=metadata)
+        return real_save(table, filename)
 
-    monkeypatch.setattr(cache_mod, "save_file", dying_save)
+    monkeypatch.setattr(cache_mod, "write_ipc", dying_save)
     cache = TokenCache(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         cache.build(items)
     files = [p for p in cache.dir.rglob("*") if p.is_file()]
-    assert len(files) == 3 and all(p.suffix == ".safetensors" for p in files), "only complete entries remain"
+    assert len(files) == 3 and all(p.suffix == ".arrow" for p in files), "only complete entries remain"
     for p in files:
         load_entry(p)
-    monkeypatch.setattr(cache_mod, "save_file", real_save)
+    monkeypatch.setattr(cache_mod, "write_ipc", real_save)
     resumed = cache.build(items)
     assert resumed.reused == 3 and resumed.built == len(items) - 3
 
@@ -159,17 +159,17 @@ import w2t.data.cache as cache_mod
 from w2t.data.cache import TokenCache
 from w2t.data.collection import read_metadata
 
-real_save, calls = cache_mod.save_file, []
+real_save, calls = cache_mod.write_ipc, []
 
-def save_then_die(tensors, filename, metadata=None):
+def save_then_die(table, filename):
     calls.append(filename)
     if len(calls) == 4:  # half of the fourth entry is on disk when the process is killed
         with open(filename, "wb") as f:
             f.write(b"half an entry")
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(tensors, filename, metadata=metadata)
+    return real_save(table, filename)
 
-cache_mod.save_file = save_then_die
+cache_mod.write_ipc = save_then_die
 table = read_metadata(sys.argv[1])
 TokenCache(sys.argv[2]).build(list(zip(table["adapter_id"], table["abs_path"])), workers=1)
 """
@@ -184,7 +184,7 @@ def test_a_build_killed_by_sigkill_leaves_no_temporary_file_after_the_next_build
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     cache = TokenCache(tmp_path / "cache")
-    assert len(list(cache.dir.rglob("*.tmp"))) == 1 and len(list(cache.dir.rglob("*.safetensors"))) == 3
+    assert len(list(cache.dir.rglob("*.tmp"))) == 1 and len(list(cache.dir.rglob("*.arrow"))) == 3
     report = cache.build(items)
     assert report.built == len(items) - 3 and report.reused == 3 and not report.failed
     assert not list(cache.dir.rglob("*.tmp")), "the next build removes what the killed one left"
@@ -192,3 +192,11 @@ def test_a_build_killed_by_sigkill_leaves_no_temporary_file_after_the_next_build
     for adapter_id, _ in items:  # consistent: every entry equals the one a clean build writes
         got, ref = load_entry(report.entries[adapter_id]), load_entry(clean.entries[adapter_id])
         assert all(torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V) for a, b in zip(got, ref))
+
+
+def test_a_corrupt_entry_is_named_not_misread(items, tmp_path):
+    report = TokenCache(tmp_path).build(items[:1])
+    entry = report.entries[items[0][0]]
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.raises(W2TError, match=f"{entry.name}.*unreadable cache entry"):
+        load_entry(entry)

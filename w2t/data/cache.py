@@ -1,16 +1,16 @@
 """On-disk token cache: every adapter is read and canonicalized once (docs/design.md §6).
 
-One safetensors file per adapter under `root/<tag>/`: the entry is named by a hash of the adapter's
-files, and the tag by the version stamps of everything that shapes a token (the reader, the key-naming
-rules, canonicalization) and the options. A changed file, reader, naming rule or canonicalization is
-rebuilt, and nothing else is. Entries are written to a temporary file and renamed into place, by one
-build at a time (a lock), which first removes what a killed build left: an interrupted build leaves no
-corrupt entry and a rerun resumes where it stopped. Adapters that fail to read are cached as an
-`.error.json` entry (and listed in a report file) stamped with the reading code's fingerprint, so a
-rerun reads nothing again until that code changes. safetensors shards were kept over a `datasets`
-Arrow table because an entry is written by the worker that made it (no single writer, nothing to repack
-after a build); Arrow reads the 600 default tokens about 3.7× faster, but that is about 1 s of a run
-(docs/benchmarks.md, HF datasets), and a shared collection is one Arrow folder (w2t/data/hf.py).
+One Arrow IPC file per adapter under `root/<tag>/` (w2t/data/token_table.py: one row, the same
+`tokens` value as a shared collection's row): the entry is named by a hash of the adapter's files, and
+the tag by the version stamps of everything that shapes a token (the reader, the key-naming rules,
+canonicalization, the entry format) and the options. A changed file, reader, naming rule or
+canonicalization is rebuilt, and nothing else is. Entries are written to a temporary file and renamed
+into place, by one build at a time (a lock), which first removes what a killed build left: an
+interrupted build leaves no corrupt entry and a rerun resumes where it stopped. Adapters that fail to
+read are cached as an `.error.json` entry (and listed in a report file) stamped with the reading code's
+fingerprint, so a rerun reads nothing again until that code changes. One file per entry lets each worker
+write what it made; Arrow entries read back about 2x faster than safetensors ones (docs/benchmarks.md,
+HF datasets: reading the token cache).
 """
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import pyarrow as pa
 
 import w2t.canon
 import w2t.io
 from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule
 from w2t.canon.representation import REPRESENTATIONS, adapter_components
+from w2t.data.token_table import TokenColumn, token_type, tokens_value
 from w2t.errors import W2TError
 from w2t.io.files import TMP_SUFFIX, atomic_write, atomic_write_text, exclusive_lock
 from w2t.io.formats import READER_VERSION, load_adapter
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_SUFFIXES = {".safetensors", ".json", ".bin", ".pt", ".pth"}
 PARALLEL_MIN = 256  # below this many pending adapters, worker start-up costs more than it saves
+ENTRY_FORMAT = "arrow-1"  # in the tag: a new entry layout is a new cache folder
+ENTRY_SUFFIX = ".arrow"
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class CacheOptions:
     @property
     def tag(self) -> str:
         """The cache folder's name: every version stamp and option that shapes a token (not `device`)."""
-        key = {"reader": READER_VERSION, "keys": KEYS_VERSION, "canon": CANON_VERSION, "base_files": _stamp(self.base),
+        key = {"reader": READER_VERSION, "keys": KEYS_VERSION, "canon": CANON_VERSION, "entry": ENTRY_FORMAT,
+               "base_files": _stamp(self.base),
                **{k: v for k, v in asdict(self).items() if k != "device"}}
         return f"v{CANON_VERSION}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
@@ -112,27 +116,26 @@ def content_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_entry(target: Path, modules: list[CanonicalModule], dtype: torch.dtype) -> None:
-    tensors, meta = {}, []
-    for i, m in enumerate(modules):
-        tensors[f"{i}.U"] = m.U.to(dtype).contiguous()
-        tensors[f"{i}.S"] = m.S.to(dtype).contiguous()
-        tensors[f"{i}.V"] = m.V.to(dtype).contiguous()
-        tensors[f"{i}.mask"] = m.mask.contiguous()
-        if m.features is not None:
-            tensors[f"{i}.F"] = m.features.to(torch.float32).contiguous()  # float32: small, and log-scaled
-        meta.append([m.module_type, m.layer])
-    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={"modules": json.dumps(meta)}))
+def save_entry(target: Path, modules: list[CanonicalModule], dtype: str) -> None:
+    """One adapter's tokens in cache dtype `dtype` (a key of DTYPES), written atomically."""
+    typ = token_type(dtype)
+    table = pa.table({"tokens": pa.array([tokens_value(modules, dtype)], type=typ)}).replace_schema_metadata({"dtype": dtype})
+    atomic_write(target, lambda tmp: write_ipc(table, tmp))
+
+
+def write_ipc(table: pa.Table, path: str) -> None:
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def load_entry(path: str | Path) -> list[CanonicalModule]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["modules"])
-    t = load_file(str(path))
-    return [CanonicalModule(typ, layer, t[f"{i}.U"], t[f"{i}.S"], t[f"{i}.V"], t[f"{i}.mask"], t.get(f"{i}.F"))
-            for i, (typ, layer) in enumerate(meta)]
+    """The modules `save_entry` wrote, in the dtype it was given."""
+    try:  # read whole, not memory-mapped: faster for files this small, and nothing stays open
+        table = pa.ipc.open_file(pa.BufferReader(Path(path).read_bytes())).read_all()
+        dtype = DTYPES[table.schema.metadata[b"dtype"].decode()]
+    except (OSError, pa.ArrowInvalid, KeyError, TypeError) as e:
+        raise W2TError(f"unreadable cache entry ({type(e).__name__}: {e}); delete it to rebuild", path=path) from None
+    return TokenColumn(table.column("tokens").chunks, dtype).modules(0)
 
 
 def _build_one(args: tuple[str, str, str, CacheOptions]) -> tuple[str, str | None]:
@@ -142,7 +145,7 @@ def _build_one(args: tuple[str, str, str, CacheOptions]) -> tuple[str, str | Non
         adapter = load_adapter(src, allow_pickle=opts.allow_pickle, base=opts.base, max_rank=opts.max_rank)
         modules = adapter_components(adapter, opts.representation, rtol=opts.rtol, sign_rule=opts.sign_rule,
                                      device=opts.device)
-        save_entry(Path(target), modules, DTYPES[opts.dtype])
+        save_entry(Path(target), modules, opts.dtype)
         return adapter_id, None
     except W2TError as e:
         return adapter_id, f"{type(e).__name__}: {e}"
@@ -156,7 +159,7 @@ class TokenCache:
         self.dir = Path(root) / self.options.tag
 
     def entry_path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.safetensors"
+        return self.dir / key[:2] / f"{key}{ENTRY_SUFFIX}"
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

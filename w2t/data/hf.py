@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import tempfile
 import typing
-from bisect import bisect_right
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from w2t.canon.canonical import CANON_VERSION, CanonicalModule
 from w2t.data.cache import DTYPES, BuildReport, CacheOptions
+from w2t.data.token_table import TokenColumn, as_numpy, token_type, tokens_value
 from w2t.errors import CollectionError
 from w2t.io.adapter import Adapter, LoraModule
 from w2t.io.formats import READER_VERSION
@@ -39,13 +39,6 @@ COLUMNS = ("adapter_id", "tokens", "factors", "factor_dtype")  # besides the met
 # options that say how files were read (max_rank refuses, never truncates): a run on the folder reads no file
 READING_OPTIONS = ("device", "allow_pickle", "base", "max_rank")
 BATCH_ROWS = 64  # adapters per Arrow record batch while exporting: memory stays flat for big collections
-
-
-def _token_type(dtype: str) -> pa.DataType:
-    values = pa.list_(pa.float16() if dtype == "float16" else pa.float32())
-    return pa.list_(pa.struct([("module_type", pa.string()), ("layer", pa.int64()), ("m", pa.int64()), ("n", pa.int64()),
-                               ("U", values), ("S", values), ("V", values), ("mask", pa.list_(pa.bool_())),
-                               ("features", pa.list_(pa.float32()))]))
 
 
 @cache
@@ -73,18 +66,6 @@ def _factor_type() -> pa.DataType:
     return pa.list_(pa.struct(fields))
 
 
-def _numpy(t: torch.Tensor, dtype: str = "float32") -> np.ndarray:
-    arrow = torch.float16 if dtype == "float16" else torch.float32
-    return t.detach().to(arrow).contiguous().reshape(-1).numpy()
-
-
-def _tokens_row(modules: list[CanonicalModule], dtype: str) -> list[dict]:
-    return [{"module_type": m.module_type, "layer": int(m.layer), "m": m.shape[0], "n": m.shape[1],
-             "U": _numpy(m.U, dtype), "S": _numpy(m.S, dtype), "V": _numpy(m.V, dtype),
-             "mask": m.mask.numpy(), "features": None if m.features is None else _numpy(m.features)}
-            for m in modules]
-
-
 def _factors_row(adapter: Adapter) -> list[dict]:
     rows = []
     for mod in adapter.modules:
@@ -92,7 +73,7 @@ def _factors_row(adapter: Adapter) -> list[dict]:
         for name, is_tensor, _ in _lora_fields():
             value = getattr(mod, name)
             if is_tensor:
-                row[name] = None if value is None else _numpy(value)
+                row[name] = None if value is None else as_numpy(value)
                 row[f"{name}_shape"] = None if value is None else list(value.shape)
             else:
                 row[name] = value
@@ -117,7 +98,7 @@ def export_collection(dm: AdapterDataModule, out: str | Path) -> Path:
         meta_schema = pa.Schema.from_pandas(meta, preserve_index=False).remove_metadata()
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # e.g. a column mixing numbers and text
         raise CollectionError(f"the metadata does not fit Arrow columns ({e})", dm.root) from None
-    schema = meta_schema.append(pa.field("tokens", _token_type(options.dtype))) \
+    schema = meta_schema.append(pa.field("tokens", token_type(options.dtype))) \
         .append(pa.field("factors", _factor_type())).append(pa.field("factor_dtype", pa.string()))
     manifest = {"format": FORMAT, "version": 1, "options": {k: v for k, v in asdict(options).items() if k != "device"},
                 "versions": {"reader": READER_VERSION, "keys": KEYS_VERSION, "canon": CANON_VERSION},
@@ -133,7 +114,7 @@ def export_collection(dm: AdapterDataModule, out: str | Path) -> Path:
                 batch = pa.Table.from_pandas(meta.iloc[rows.start:rows.stop], schema=meta_schema, preserve_index=False)
                 adapters = [dm.adapter(r) for r in rows]
                 batch = batch.append_column(schema.field("tokens"), pa.array(
-                    [_tokens_row(dm.modules(r), options.dtype) for r in rows], type=schema.field("tokens").type))
+                    [tokens_value(dm.modules(r), options.dtype) for r in rows], type=schema.field("tokens").type))
                 batch = batch.append_column(schema.field("factors"), pa.array(
                     [_factors_row(a) for a in adapters], type=schema.field("factors").type))
                 batch = batch.append_column("factor_dtype", pa.array([str(a.dtype).removeprefix("torch.") for a in adapters]))
@@ -141,11 +122,6 @@ def export_collection(dm: AdapterDataModule, out: str | Path) -> Path:
         info = datasets.DatasetInfo(description=json.dumps(manifest))
         datasets.Dataset.from_file(str(stream), info=info).save_to_disk(str(out))
     return out
-
-
-def _chunk_of(chunks: list[int], row: int) -> tuple[int, int]:
-    k = bisect_right(chunks, row) - 1
-    return k, row - chunks[k]
 
 
 class ExportedCollection:
@@ -184,10 +160,9 @@ class ExportedCollection:
         meta["adapter_id"] = meta["adapter_id"].astype(str)
         self.table = meta
         arrow = ds.select_columns(list(COLUMNS[1:])).with_format("arrow")[:]  # zero-copy views of the mapped file
-        self._tokens, self._factors = arrow.column("tokens").chunks, arrow.column("factors")
+        self._tokens = TokenColumn(arrow.column("tokens").chunks, self.dtype)
+        self._factors = arrow.column("factors")
         self._factor_dtype = arrow.column("factor_dtype").to_pylist()
-        self._starts = list(np.cumsum([0] + [len(c) for c in self._tokens[:-1]]))
-        self._chunks: dict[int, dict] = {}
 
     @property
     def report(self) -> BuildReport:
@@ -195,39 +170,9 @@ class ExportedCollection:
         return BuildReport(reused=len(self.table), failed=list(self.manifest.get("failed", [])),
                            entries={a: i for i, a in enumerate(self.table["adapter_id"])})
 
-    def _chunk(self, k: int) -> dict:
-        """One Arrow chunk's module fields as numpy arrays: the float values are views of the mapped file."""
-        if k not in self._chunks:
-            mods = self._tokens[k].values
-            self._chunks[k] = {"rows": self._tokens[k].offsets.to_numpy(),
-                               "module_type": mods.field("module_type").to_pylist(),
-                               "null_features": mods.field("features").is_null().to_numpy(zero_copy_only=False),
-                               **{f: mods.field(f).to_numpy() for f in ("layer", "m", "n")},
-                               **{f: (mods.field(f).values.to_numpy(zero_copy_only=False), mods.field(f).offsets.to_numpy())
-                                  for f in ("U", "S", "V", "mask", "features")}}
-        return self._chunks[k]
-
     def modules(self, row: int) -> list[CanonicalModule]:
         """Row `row`'s canonical modules, the same tensors (dtype, shape, values) as its cache entry."""
-        k, i = _chunk_of(self._starts, row)
-        d = self._chunk(k)
-        first, last = d["rows"][i], d["rows"][i + 1]  # its modules
-        flat = {}  # one copy of the row's values per field, sliced per module
-        for f in ("U", "S", "V", "mask", "features"):
-            values, offsets = d[f]
-            flat[f] = (torch.from_numpy(values[offsets[first]:offsets[last]].copy()), offsets[first:last + 1] - offsets[first])
-
-        def part(f: str, j: int) -> torch.Tensor:
-            values, offsets = flat[f]
-            return values[offsets[j]:offsets[j + 1]]
-
-        out = []
-        for j, jj in enumerate(range(first, last)):
-            m, n, r = int(d["m"][jj]), int(d["n"][jj]), len(part("S", j))
-            out.append(CanonicalModule(d["module_type"][jj], int(d["layer"][jj]), part("U", j).to(self.dtype).view(m, r),
-                                       part("S", j).to(self.dtype), part("V", j).to(self.dtype).view(n, r), part("mask", j),
-                                       None if d["null_features"][jj] else part("features", j)))
-        return out
+        return self._tokens.modules(row)
 
     def adapter(self, row: int) -> Adapter:
         """Row `row`'s adapter as its file was read (every `LoraModule` field; no extras or notes)."""
