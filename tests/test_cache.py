@@ -60,9 +60,12 @@ def test_entry_round_trip(items, tmp_path):
 def test_half_precision_storage_cost(items, tmp_path):
     """float16/bfloat16 storage halves the cache; measured token error stays at their precision."""
     ref = {m.module_type + str(m.layer): m for m in canonicalize_adapter(load_adapter(items[0][1]))}
+    full = TokenCache(tmp_path / "float32").build(items[:1]).entries[items[0][0]].stat().st_size
     for dtype, tol in (("float16", 2e-3), ("bfloat16", 1.6e-2)):
         report = TokenCache(tmp_path / dtype, CacheOptions(dtype=dtype)).build(items[:1])
+        assert report.entries[items[0][0]].stat().st_size < 0.6 * full
         for m in load_entry(report.entries[items[0][0]]):
+            assert m.U.dtype == m.S.dtype == m.V.dtype == getattr(torch, dtype)
             r = ref[m.module_type + str(m.layer)]
             assert (m.U.double() - r.U).abs().max() < tol
             assert ((m.S.double() - r.S).abs() / r.S.max()).max() < tol

@@ -26,8 +26,8 @@ from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
 import pyarrow as pa
+import torch
 
 import w2t.canon
 import w2t.io

@@ -5,8 +5,8 @@ cache entry: each module's type, layer, shape (m, n), U as m·r values row-major
 mask and DoRA features) and `factors` (every field of each `LoraModule` as read from its file; tensors
 as values + shape). A run reads the tokens; the factors are what it re-factors for `test_reparam/…`
 and what retrieval's `raw` baseline reads, so a run on the folder scores exactly as one on the files.
-Tokens are in the cache dtype (bfloat16, which Arrow lacks, as float32: exact), factors in float32 (the
-reader's dtype, except for float64 files, rounded).
+Tokens are in the cache dtype (bfloat16, which Arrow lacks, as its 16 bits: w2t/data/token_table.py),
+factors in float32 (the reader's dtype, except for float64 files, rounded).
 The cache options, version stamps, token schema, collection manifest and failures are JSON in
 `Dataset.info.description`.
 """

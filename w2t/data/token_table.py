@@ -2,8 +2,9 @@
 and of the `tokens` column of an exported collection (w2t/data/hf.py).
 
 A module is (module_type, layer, m, n, U as m·r values row-major, S, V as n·r values, mask, features).
-Values are float32, or float16 for a float16 cache; bfloat16, which Arrow lacks, is stored as float32
-(exact) and cast back on reading, so tokens come back with the dtype, shape and values they were written with.
+Values are float32, or float16 for a float16 cache; bfloat16, which Arrow lacks, is stored as its 16 bits
+(uint16), so a half-precision cache is half the size and tokens come back with the dtype, shape and values
+they were written with. (A folder whose bfloat16 tokens were written as float32 reads too: they are cast.)
 """
 from __future__ import annotations
 
@@ -18,17 +19,21 @@ from w2t.canon.canonical import CanonicalModule
 _VALUES = ("U", "S", "V", "mask", "features")
 
 
+_ARROW = {"float32": (torch.float32, pa.float32()), "float16": (torch.float16, pa.float16()),
+          "bfloat16": (torch.bfloat16, pa.uint16())}  # torch dtype stored, Arrow value type
+
+
 def token_type(dtype: str) -> pa.DataType:
     """The Arrow type of one adapter's tokens for cache dtype `dtype`."""
-    values = pa.list_(pa.float16() if dtype == "float16" else pa.float32())
+    values = pa.list_(_ARROW[dtype][1])
     return pa.list_(pa.struct([("module_type", pa.string()), ("layer", pa.int64()), ("m", pa.int64()), ("n", pa.int64()),
                                ("U", values), ("S", values), ("V", values), ("mask", pa.list_(pa.bool_())),
                                ("features", pa.list_(pa.float32()))]))
 
 
 def as_numpy(t: torch.Tensor, dtype: str = "float32") -> np.ndarray:
-    arrow = torch.float16 if dtype == "float16" else torch.float32
-    return t.detach().to(arrow).contiguous().reshape(-1).numpy()
+    flat = t.detach().to(_ARROW[dtype][0]).contiguous().reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else flat.numpy()
 
 
 def tokens_value(modules: list[CanonicalModule], dtype: str) -> list[dict]:
@@ -66,7 +71,9 @@ class TokenColumn:
         flat = {}  # one copy of the row's values per field (it must outlive the mapping), sliced per module
         for f in _VALUES:
             values, offsets = d[f]
-            flat[f] = (torch.from_numpy(values[offsets[first]:offsets[last]].copy()), offsets[first:last + 1] - offsets[first])
+            row = values[offsets[first]:offsets[last]].copy()
+            row = torch.from_numpy(row.view(np.int16)).view(torch.bfloat16) if row.dtype == np.uint16 else torch.from_numpy(row)
+            flat[f] = (row, offsets[first:last + 1] - offsets[first])
 
         def part(f: str, j: int) -> torch.Tensor:
             values, offsets = flat[f]
