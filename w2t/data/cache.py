@@ -33,7 +33,7 @@ import w2t.canon
 import w2t.io
 from w2t.canon.canonical import CANON_VERSION, DEFAULT_RTOL, CanonicalModule
 from w2t.canon.representation import REPRESENTATIONS, adapter_components
-from w2t.data.token_table import TokenColumn, token_type, tokens_value
+from w2t.data.token_table import DTYPES, TokenColumn, token_type, tokens_value
 from w2t.errors import W2TError
 from w2t.io.files import TMP_SUFFIX, atomic_write, atomic_write_text, exclusive_lock
 from w2t.io.formats import READER_VERSION, load_adapter
@@ -42,7 +42,6 @@ from w2t.progress import progress
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_SUFFIXES = {".safetensors", ".json", ".bin", ".pt", ".pth"}
 PARALLEL_MIN = 256  # below this many pending adapters, worker start-up costs more than it saves
 ENTRY_FORMAT = "arrow-1"  # in the tag: a new entry layout is a new cache folder

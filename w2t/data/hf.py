@@ -24,8 +24,8 @@ import pyarrow as pa
 import torch
 
 from w2t.canon.canonical import CANON_VERSION, CanonicalModule
-from w2t.data.cache import DTYPES, BuildReport, CacheOptions
-from w2t.data.token_table import TokenColumn, as_numpy, token_type, tokens_value
+from w2t.data.cache import BuildReport, CacheOptions
+from w2t.data.token_table import DTYPES, TokenColumn, as_numpy, token_type, tokens_value
 from w2t.errors import CollectionError
 from w2t.io.adapter import Adapter, LoraModule
 from w2t.io.formats import READER_VERSION

@@ -17,22 +17,20 @@ import torch
 from w2t.canon.canonical import CanonicalModule
 
 _VALUES = ("U", "S", "V", "mask", "features")
-
-
-_ARROW = {"float32": (torch.float32, pa.float32()), "float16": (torch.float16, pa.float16()),
-          "bfloat16": (torch.bfloat16, pa.uint16())}  # torch dtype stored, Arrow value type
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the cache dtypes
+_ARROW_VALUES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
 def token_type(dtype: str) -> pa.DataType:
     """The Arrow type of one adapter's tokens for cache dtype `dtype`."""
-    values = pa.list_(_ARROW[dtype][1])
+    values = pa.list_(_ARROW_VALUES[dtype])
     return pa.list_(pa.struct([("module_type", pa.string()), ("layer", pa.int64()), ("m", pa.int64()), ("n", pa.int64()),
                                ("U", values), ("S", values), ("V", values), ("mask", pa.list_(pa.bool_())),
                                ("features", pa.list_(pa.float32()))]))
 
 
 def as_numpy(t: torch.Tensor, dtype: str = "float32") -> np.ndarray:
-    flat = t.detach().to(_ARROW[dtype][0]).contiguous().reshape(-1)
+    flat = t.detach().to(DTYPES[dtype]).contiguous().reshape(-1)
     return flat.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else flat.numpy()
 
 
