@@ -15,39 +15,37 @@ measured in the same run. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
 
+from bench_cache import machine, write  # noqa: E402  (scripts/, this script's folder)
+from compare import ABLATIONS  # noqa: E402
 from w2t.data.datamodule import AdapterDataModule  # noqa: E402
 from w2t.models.registry import build_encoder  # noqa: E402
 from w2t.zoo import ensure_collection  # noqa: E402
 
-VARIANTS = {"w2t+rank-attention": ("w2t", {"rank_attention": True})}  # name -> (config, encoder overrides)
+VARIANTS = ["w2t+rank-attention"]  # compare.py's ablations that change the encoder's cost
 
 
 def model_configs() -> dict[str, tuple[str, str, dict]]:
-    """name -> (arch, input, encoder options) for every configs/model file that trains an encoder."""
+    """name -> (arch, input, encoder options), composed as train.py composes them, for every configs/model
+    file that trains an encoder and for VARIANTS."""
+    names = [f.stem for f in sorted((ROOT / "configs" / "model").glob("*.yaml"))] + VARIANTS
     out = {}
-    for f in sorted((ROOT / "configs" / "model").glob("*.yaml")):
-        cfg = OmegaConf.load(f)
-        for parent in cfg.get("defaults", []):  # e.g. w2t_raw: w2t's options, raw input
-            if isinstance(parent, str) and parent != "_self_":
-                cfg = OmegaConf.merge(OmegaConf.load(f.parent / f"{parent}.yaml"), cfg)
-        if "arch" in cfg:
-            out[f.stem] = (cfg.arch, cfg.get("input", "canonical"), OmegaConf.to_container(cfg.get("encoder", {})))
-    for name, (base, overrides) in VARIANTS.items():
-        arch, inp, options = out[base]
-        out[name] = (arch, inp, {**options, **overrides})
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        for name in names:
+            model = compose("train", overrides=ABLATIONS.get(name, [f"model={name}"])).model
+            if "arch" in model:
+                out[name] = (model.arch, model.input, OmegaConf.to_container(model.encoder, resolve=True))
     return out
 
 
@@ -112,18 +110,14 @@ def main() -> None:
     for r in rows:
         r["train_vs_w2t"] = r["train_adapters_per_s"] / ref["train_adapters_per_s"]
     result = {"collection": args.collection, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-              "machine": platform.machine(), "torch": torch.__version__, "rows": rows}
+              "threads": torch.get_num_threads(), **machine(), "rows": rows}
     print(f"encoder throughput: {args.collection}, batch {args.batch_size}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs (load {result['load_avg_1min']:.1f}), best of {args.repeats}×{args.steps} steps")
     print(f"{'model':<20}  {'input':<9}  {'params':>10}  {'train ad/s':>10}  {'embed ad/s':>10}  {'train vs w2t':>12}")
     for r in rows:
         print(f"{r['model']:<20}  {r['input']:<9}  {r['params']:>10,}  {r['train_adapters_per_s']:>10.1f}  "
               f"{r['embed_adapters_per_s']:>10.1f}  {r['train_vs_w2t']:>11.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ class TokenColumn:
         flat = {}  # one copy of the row's values per field (it must outlive the mapping), sliced per module
         for f in _VALUES:
             values, offsets = d[f]
-            row = values[offsets[first]:offsets[last]].copy()
-            row = torch.from_numpy(row.view(np.int16)).view(torch.bfloat16) if row.dtype == np.uint16 else torch.from_numpy(row)
-            flat[f] = (row, offsets[first:last + 1] - offsets[first])
+            part_values = values[offsets[first]:offsets[last]].copy()
+            flat[f] = (torch.from_numpy(part_values.view(np.int16)).view(torch.bfloat16) if part_values.dtype == np.uint16
+                       else torch.from_numpy(part_values), offsets[first:last + 1] - offsets[first])
 
         def part(f: str, j: int) -> torch.Tensor:
             values, offsets = flat[f]
