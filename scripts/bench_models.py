@@ -3,8 +3,8 @@
 python scripts/bench_models.py [--collection digits_cnn] [--root data] [--batch-size 32] [--steps 20]
     [--repeats 3] [--out bench_results/models.json]
 
-Each model of configs/model that trains an encoder (and `w2t+rank-attention`, `model=w2t` with
-`model.encoder.rank_attention=true`) is built from its config's encoder options on the collection's
+Each model of configs/model that trains an encoder (and `w2t-no-rank-attention`, `model=w2t` with
+`model.encoder.rank_attention=false`) is built from its config's encoder options on the collection's
 schema, as `train.py` builds it, then timed on one batch of real tokens of its input representation
 (canonical, or raw factors): a training step (forward, backward of the embedding's mean square, an
 AdamW step; the task heads are one linear layer and left out) and an embedding pass under no_grad.
@@ -33,7 +33,7 @@ from w2t.data.datamodule import AdapterDataModule  # noqa: E402
 from w2t.models.registry import build_encoder  # noqa: E402
 from w2t.zoo import ensure_collection  # noqa: E402
 
-VARIANTS = ["w2t+rank-attention"]  # compare.py's ablations that change the encoder's cost
+VARIANTS = ["w2t-no-rank-attention"]  # compare.py's ablations that change the encoder's cost
 
 
 def model_configs() -> dict[str, tuple[str, str, dict]]:

@@ -11,7 +11,8 @@ configs/experiment (retrieval_open: retrieval on groups never trained on). Write
 ± std over seeds per metric, parameter count, training throughput, and the main metric's difference to
 the best simple read, chosen on validation per seed, with a paired bootstrap 95% CI over seeds × test
 items), OUT/compare.json (every run's metrics and those differences) and OUT/compare.png (the main
-metric per experiment). One comparison reads one collection; run it once per collection (`data=...`).
+metric per experiment). A model whose outputs are blended with a fixed read (task.head.blend, the default)
+gets a second row, `<model> (unblended)`: the same runs scored on the trained model's outputs alone. One comparison reads one collection; run it once per collection (`data=...`).
 """
 from __future__ import annotations
 
@@ -58,21 +59,29 @@ ABLATIONS = {
     "w2t-no-module-dropout": ["model=w2t", "model.encoder.module_dropout=0"],
     "w2t+neighbourhood": ["model=w2t", "task.head.neighbourhood_weight=1"],  # keep ΔW's neighbourhoods
     "w2t+warm-start": ["model=w2t", "task.head.warm_start=true"],  # start as the best linear read, add to it
-    "w2t+rank-attention": ["model=w2t", "model.encoder.rank_attention=true"],  # attention over rank tokens
+    "w2t-no-rank-attention": ["model=w2t", "model.encoder.rank_attention=false"],  # the read-out of ΔW without it
 }
 ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}}  # ablations of one task's head: run for that task alone
+NO_BLEND = "-no-blend"  # after any model or ablation name: its outputs not blended with the fixed read (task.head.blend)
 LOWER_IS_BETTER = {"mae"}
 
 
 def models_per_experiment(experiments: list[str], models: list[str]) -> dict[str, list[str]]:
-    return {e: [m for m in models if EXPERIMENTS[e] in ONLY_FOR.get(m, {EXPERIMENTS[e]})] for e in experiments}
+    return {e: [m for m in models if EXPERIMENTS[e] in ONLY_FOR.get(m.removesuffix(NO_BLEND), {EXPERIMENTS[e]})]
+            for e in experiments}
+
+
+def model_overrides(name: str) -> list[str]:
+    """The train.py overrides of a model name: a config of configs/model, or an ablation, with `-no-blend`."""
+    base = name.removesuffix(NO_BLEND)
+    return ABLATIONS.get(base, [f"model={base}"]) + (["task.head.blend=false"] if name.endswith(NO_BLEND) else [])
 
 
 def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[str], threads: int) -> dict:
     run_dir = out / experiment / name / f"seed_{seed}"
     metrics_file = run_dir / "metrics.json"
     if not (metrics_file.exists() and (run_dir / "test_items.npz").exists()):
-        model = ABLATIONS.get(name, [f"model={name}"])
+        model = model_overrides(name)
         cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", *model, f"seed={seed}",
                f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
                *overrides]
@@ -100,10 +109,31 @@ def git_state() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def paired_difference(runs: list[dict], run_dirs: list[Path], task, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The main metric of the model minus that of the best simple read (chosen on validation, per seed): its
-    mean over seeds, and a 95% CI from a paired bootstrap that resamples each seed's test items (the same items
-    for both), averaging over seeds. Reads each run's test_items.npz."""
+UNBLENDED = " (unblended)"  # a blended model's runs scored on the trained model's outputs alone
+
+
+def with_unblended(results: dict) -> dict:
+    """`{experiment: {model: runs}}` with, after each model whose runs blend its outputs with a fixed read
+    (`blend_weight`), `<model> (unblended)`: the same runs' `test_unblended/…` scores as `test/…`, so what the
+    blend adds is measured on the same trained weights."""
+    out = {}
+    for experiment, by_model in results.items():
+        out[experiment] = {}
+        for model, runs in by_model.items():
+            out[experiment][model] = runs
+            if all("blend_weight" in m for m in runs):
+                out[experiment][model + UNBLENDED] = [
+                    m | {f"test/{k.split('/', 1)[1]}": v for k, v in m.items() if k.startswith("test_unblended/")}
+                    for m in runs]
+    return out
+
+
+def paired_difference(runs: list[dict], run_dirs: list[Path], task, n_boot: int = 2000, seed: int = 0,
+                      source: str = "model") -> dict:
+    """The main metric of the model (its items `source`: `model`, or `unblended`) minus that of the best simple
+    read (chosen on validation, per seed): its mean over seeds, and a 95% CI from a paired bootstrap that
+    resamples each seed's test items (the same items for both), averaging over seeds. Reads each run's
+    test_items.npz."""
     rng = np.random.default_rng(seed)
     pairs = []
     for metrics, run_dir in zip(runs, run_dirs):
@@ -111,7 +141,7 @@ def paired_difference(runs: list[dict], run_dirs: list[Path], task, n_boot: int 
         with np.load(run_dir / "test_items.npz") as f:
             items = {k: f[k] for k in f.files}
         pick = lambda source: {k.split("/", 1)[1]: v for k, v in items.items() if k.split("/", 1)[0] == source}  # noqa: E731
-        pairs.append((pick("model"), pick(f"baseline_{best}")))
+        pairs.append((pick(source), pick(f"baseline_{best}")))
     point = np.mean([task.primary_of(m) - task.primary_of(b) for m, b in pairs])
     boot = np.zeros(n_boot)
     for model, base in pairs:
@@ -205,7 +235,8 @@ def _plot(results: dict, path: Path) -> dict[str, tuple[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=MODELS, help=f"from {MODELS} and {list(ABLATIONS)}")
+    ap.add_argument("--models", nargs="+", default=MODELS,
+                    help=f"from {MODELS} and {list(ABLATIONS)}, each optionally with {NO_BLEND}")
     ap.add_argument("--ablations", action="store_true", help="also run the W2T ablations")
     ap.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -216,7 +247,7 @@ def main() -> None:
     args = ap.parse_args()
 
     models = args.models + (list(ABLATIONS) if args.ablations else [])
-    unknown = [m for m in models if m not in MODELS and m not in ABLATIONS]
+    unknown = [m for m in models if m.removesuffix(NO_BLEND) not in MODELS and m.removesuffix(NO_BLEND) not in ABLATIONS]
     if unknown:
         ap.error(f"unknown models {unknown}")
     extra: dict[str, list[str]] = {}
@@ -236,8 +267,10 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {j: pool.submit(run_one, *j, out, args.overrides + extra.get(j[0], []), threads) for j in jobs}
         metrics = {j: f.result() for j, f in futures.items()}
-    results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]} for e in args.experiments}
-    diffs = {e: {m: paired_difference(ms, [out / e / m / f"seed_{s}" for s in args.seeds], TASKS[EXPERIMENTS[e]])
+    results = with_unblended({e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]}
+                              for e in args.experiments})
+    diffs = {e: {m: paired_difference(ms, [out / e / m.removesuffix(UNBLENDED) / f"seed_{s}" for s in args.seeds],
+                                      TASKS[EXPERIMENTS[e]], source="unblended" if m.endswith(UNBLENDED) else "model")
                  for m, ms in by_model.items()} for e, by_model in results.items()}
     (out / "compare.json").write_text(json.dumps(
         {"git": git_state(), "overrides": args.overrides, "extra": extra, "seeds": args.seeds,

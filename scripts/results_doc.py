@@ -42,18 +42,22 @@ def summary(results: Path) -> str:
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from scripts.compare import EXPERIMENTS
+    from scripts.compare import EXPERIMENTS, UNBLENDED, with_unblended
     from w2t.tasks import TASKS
 
     rows = ["| collection | experiment | model | main metric | best baseline's | Δ [95% CI] | verdict |",
             "|---|---|---|---|---|---|---|"]
     for path in sorted(results.glob("*/compare.json")):
         data = json.loads(path.read_text())
-        for experiment, by_model in sorted(data.get("vs_best_baseline", {}).items()):
+        diffs = data.get("vs_best_baseline", {})
+        trained = {e: dict.fromkeys(m.removesuffix(UNBLENDED) for m in by_model) for e, by_model in diffs.items()}
+        results = with_unblended({e: {m: [data["runs"][f"{e}/{m}/seed_{s}"] for s in data["seeds"]] for m in models}
+                                  for e, models in trained.items()})
+        for experiment, by_model in sorted(diffs.items()):
             task = TASKS[EXPERIMENTS[experiment]]
             k = task.primary
             for model, d in by_model.items():
-                runs = [data["runs"][f"{experiment}/{model}/seed_{s}"] for s in data["seeds"]]
+                runs = results[experiment][model]
                 ours = [m[f"test/{k}"] for m in runs]
                 base = [m[f"test/baseline_{task.best_baseline(m)}/{k}"] for m in runs]
                 lo, hi = d["ci"]

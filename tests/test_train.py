@@ -23,6 +23,7 @@ from w2t.data.datamodule import AdapterDataModule
 from w2t.errors import CollectionError
 from w2t.tasks import TASKS
 from w2t.train.lightning_module import AdapterModel
+from w2t.tasks.base import BLEND_GRID
 from w2t.train.run import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,10 +134,14 @@ def test_fit_and_test_each_experiment(experiment, tiny_collection, tmp_path):
     task = TASKS[experiment]
     with np.load(out / "test_items.npz") as f:
         items = {k: f[k] for k in f.files}
-    for source in ["model", *(f"baseline_{b}" for b in task.baselines)]:
+    keys = {"model": f"test/{primary}", "unblended": f"test_unblended/{primary}"}
+    for source in ["model", "unblended", *(f"baseline_{b}" for b in task.baselines)]:
         values = {k.split("/", 1)[1]: v for k, v in items.items() if k.split("/", 1)[0] == source}
-        key = f"test/{primary}" if source == "model" else f"test/{source}/{primary}"
-        assert task.primary_of(values) == pytest.approx(metrics[key], abs=1e-6), source
+        assert task.primary_of(values) == pytest.approx(metrics[keys.get(source, f"test/{source}/{primary}")],
+                                                        abs=1e-6), source
+    # the blend's read weight, chosen on validation, is stored in the checkpoint that eval.py scores
+    state = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert metrics["blend_weight"] in BLEND_GRID and float(state["task.blend_weight"]) == pytest.approx(metrics["blend_weight"])
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["test"])
     assert (out / "config.yaml").exists() and (out / "checkpoints" / "best.ckpt").exists()
@@ -433,6 +438,40 @@ def test_a_warm_started_model_starts_as_the_best_linear_read(experiment, tiny_co
     assert any(moved[k] != pytest.approx(scores[k], abs=1e-6) for k in task.columns)
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_blend_is_chosen_on_validation_between_the_model_and_the_read(experiment, tiny_collection, tmp_path,
+                                                                          monkeypatch):
+    """With every encoder and head parameter random and non-zero: the blended model's validation score is the best
+    over `BLEND_GRID`, so it is never below the trained model alone (λ = 0) nor below the simple read it blends
+    with (λ = 1), which scores exactly as that baseline; a mix that ignores the read breaks it."""
+    from w2t.train.run import setup_run
+
+    dm, model = setup_run(make_cfg([f"experiment={experiment}", *fast(tiny_collection, tmp_path)], tmp_path / "run"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in [*model.encoder.parameters(), *model.task.head.parameters()]:
+            p.copy_(torch.randn_like(p))
+    task = model.task
+    read = task.fit_prior(dm) if experiment != "retrieval" else "dw"
+    val = dm.whole_split("val")
+    baseline = task.baseline_metrics(dm, 0, ("val",))[f"val/baseline_{read}/{task.primary}"]
+
+    def scores() -> tuple[float, float]:
+        lam = model.fit_blend(dm)
+        model.eval()
+        with torch.no_grad():
+            blended, alone = (task.evaluate(f(val["tokens"]).float(), val)[task.primary] for f in (model, model.unblended))
+            task.blend_weight.fill_(1.0)
+            read_alone = task.evaluate(model(val["tokens"]).float(), val)[task.primary]
+        assert lam in BLEND_GRID and blended >= alone - 1e-9
+        return blended, read_alone
+
+    blended, read_alone = scores()
+    assert read_alone == pytest.approx(baseline, abs=1e-5) and blended >= baseline - 1e-9
+    monkeypatch.setattr(type(task), "mix", lambda self, out, read, lam: out)  # the broken variant: λ does nothing
+    assert scores()[1] != pytest.approx(baseline, abs=1e-5)
+
+
 def test_compare_paired_bootstrap_against_the_best_baseline_chosen_on_val(tmp_path):
     compare = runpy_module("scripts/compare.py")
     assert compare.EXPERIMENTS["retrieval_open"] == "retrieval" and compare.EXPERIMENTS["classification"] == "classification"
@@ -445,7 +484,8 @@ def test_compare_paired_bootstrap_against_the_best_baseline_chosen_on_val(tmp_pa
         d = tmp_path / f"seed_{seed}"
         d.mkdir()
         np.savez(d / "test_items.npz", **{"model/correct": model.astype(float), "baseline_dw/correct": dw.astype(float),
-                                          "baseline_sketch/correct": sketch.astype(float)})
+                                          "baseline_sketch/correct": sketch.astype(float),
+                                          "unblended/correct": sketch.astype(float)})
         # validation prefers dw, although sketch is better on test: the bar is chosen on validation
         runs.append({"val/baseline_dw/acc": 0.9, "val/baseline_sketch/acc": 0.5})
         dirs.append(d)
@@ -453,6 +493,14 @@ def test_compare_paired_bootstrap_against_the_best_baseline_chosen_on_val(tmp_pa
     want = np.mean([np.load(d / "test_items.npz")["model/correct"].mean() - np.load(d / "test_items.npz")["baseline_dw/correct"].mean()
                     for d in dirs])
     assert got["diff"] == pytest.approx(want) and 0 < got["ci"][0] < want < got["ci"][1]
+    # a blended model's runs also give its trained model alone, from the same runs' items and test_unblended/ scores
+    unblended = compare.paired_difference(runs, dirs, task, n_boot=200, source="unblended")
+    assert unblended["diff"] == pytest.approx(np.mean([np.load(d / "test_items.npz")["baseline_sketch/correct"].mean() -
+                                                       np.load(d / "test_items.npz")["baseline_dw/correct"].mean()
+                                                       for d in dirs]))
+    blended = [r | {"blend_weight": 0.5, "test/acc": 0.8, "test_unblended/acc": 0.75} for r in runs]
+    rows = compare.with_unblended({"classification": {"w2t": blended, "glnet": runs}})["classification"]
+    assert list(rows) == ["w2t", "w2t (unblended)", "glnet"] and rows["w2t (unblended)"][0]["test/acc"] == 0.75
     # the same items against themselves: no difference, and a CI of width 0 (the resampling is paired)
     for d in dirs:
         np.savez(d / "test_items.npz", **{"model/correct": np.ones(50), "baseline_dw/correct": np.ones(50)})

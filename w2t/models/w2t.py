@@ -12,7 +12,7 @@ the rest is residual:
   leftovers of docs/design.md §2), and Pᵤ, Pᵥ start orthonormal, so at k ≥ max(m, n) it keeps all of ΔŴ.
   σ also enters as log-scaled features: the update's size ‖ΔW‖ and its spectrum σᵢ/‖σ‖; so do a
   module's features (DoRA's magnitudes, w2t/canon/dora.py; zero for plain LoRA, so they add nothing there);
-* rank level, optionally (`rank_attention`): attention among a module's rank tokens, read through
+* rank level (`rank_attention`, on by default): attention among a module's rank tokens, read through
   features invariant to each token's sign and to rotations among tied σ (w2t/models/rank_tokens.py),
   added to the module token as a residual that starts at zero;
 * module level: one linear map per module *type* (shared by every layer), then a small binding
@@ -46,7 +46,7 @@ class EncoderConfig:
     dropout: float = 0.1  # inside the Transformer
     module_dropout: float = 0.15  # augmentation: drop whole modules while training
     sigma_features: bool = True  # log-scaled ‖ΔW‖ and σᵢ/‖σ‖ (mean over ranks) per module
-    rank_attention: bool = False  # also read each module's rank tokens by attention (w2t/models/rank_tokens.py)
+    rank_attention: bool = True  # also read each module's rank tokens by attention (w2t/models/rank_tokens.py)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:

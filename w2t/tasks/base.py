@@ -60,8 +60,19 @@ class LinearPrior(nn.Module):
         self.fitted.fill_(True)
 
 
+# the read's weight λ in a blend (0: the trained model alone), finer near the ends: where the two outputs'
+# scales differ (a contrastive cosine against ΔW's), an even mix of them sits near one end
+BLEND_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
 class Task(nn.Module):
-    """A head on the adapter embedding. `evaluate` scores a whole split at once (never per batch)."""
+    """A head on the adapter embedding. `evaluate` scores a whole split at once (never per batch).
+
+    `blend`: after training, the outputs become a mixture of the trained model's and a fixed simple read's
+    (`read_outputs`), with the read's weight λ chosen on the validation split (`fit_blend`). A few hundred
+    adapters teach a model things a linear read of ΔW misses and miss things it knows; choosing λ on
+    validation keeps the better of both, and their mixture where the two err apart. λ = 0 while training.
+    """
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # the report's metric columns
@@ -70,15 +81,45 @@ class Task(nn.Module):
     uses_gallery: ClassVar[bool] = False  # evaluation also embeds the gallery (docs/design.md §5)
     mode: ClassVar[str] = "max"
     monitor: str  # the validation metric checkpointing and early stopping follow
+    blend: bool = False  # `init_blend`
     head: nn.Module
 
     def loss(self, emb: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def outputs(self, emb: torch.Tensor, tokens=None) -> torch.Tensor:
-        """Per adapter: predictions, or the retrieval embedding (what `evaluate` takes); `tokens` feed a
-        warm start's fixed read (`LinearPrior`), when the task has one."""
+        """Per adapter: predictions, or the retrieval embedding (what `evaluate` takes), blended with the fixed
+        read once `fit_blend` has chosen its weight; `tokens` feed the fixed reads."""
+        out = self.model_outputs(emb, tokens)
+        lam = float(self.blend_weight) if self.blend else 0.0
+        return self.mix(out, self.read_outputs(tokens), lam) if lam > 0 else out
+
+    def model_outputs(self, emb: torch.Tensor, tokens=None) -> torch.Tensor:
+        """The trained model's outputs (with a warm start's fixed read, when the task has one)."""
         return self.head(emb)
+
+    def init_blend(self, blend: bool) -> None:
+        self.blend = blend
+        if blend:  # λ < 0: not chosen yet (the outputs are the model's alone); saved with the checkpoint
+            self.register_buffer("blend_weight", torch.tensor(-1.0))
+
+    def read_outputs(self, tokens) -> torch.Tensor:
+        """The fixed simple read the outputs are blended with, in the units of `outputs`."""
+        raise NotImplementedError
+
+    def mix(self, out: torch.Tensor, read: torch.Tensor, lam: float) -> torch.Tensor:
+        """The blend of the model's outputs and the read's, the read weighted λ."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fit_blend(self, out: torch.Tensor, val: dict) -> dict[float, float]:
+        """Choose λ on `BLEND_GRID` by the main metric of the validation split (`out`: the model's outputs on it);
+        ties go to the λ nearest 1/2, the plain average. Returns the validation score of every λ."""
+        read = self.read_outputs(val["tokens"]).to(out)
+        scores = {lam: self.evaluate(self.mix(out, read, lam) if lam else out, val)[self.primary] for lam in BLEND_GRID}
+        sign = 1 if self.mode == "max" else -1
+        self.blend_weight.fill_(max(BLEND_GRID, key=lambda lam: (sign * scores[lam], -abs(lam - 0.5))))
+        return scores
 
     def evaluate(self, out: torch.Tensor, batch: dict) -> dict[str, float]:
         raise NotImplementedError
@@ -172,20 +213,25 @@ class PredictionTask(Task):
         out = {"dw": dw, "spectrum": spectrum, "dw+spectrum": torch.cat([dw, spectrum], 1)}
         return out | {"sketch": sketch_features(tokens, schema, seed=seed)} if sketch else out
 
-    def init_prior(self, info, d_out: int, warm_start: bool) -> None:
-        """`warm_start`: outputs are a `LinearPrior` on `dw+spectrum` plus the head (which must start at 0)."""
+    def init_prior(self, info, d_out: int, warm_start: bool, blend: bool) -> None:
+        """The `LinearPrior` on `dw+spectrum` that a warm start adds the head to (the head must start at 0) and
+        a blend mixes with: the best linear read on validation."""
         self.schema = TokenSchema.from_dict(info.schema)
-        if warm_start:  # the features' width, from an adapter with no module
+        self.warm_start = warm_start
+        self.init_blend(blend)
+        if warm_start or blend:  # the features' width, from an adapter with no module
             empty = collate_tokens([tokenize([], self.schema)[0]])
             self.prior = LinearPrior(self.features(empty, self.schema, 0, sketch=False)["dw+spectrum"].shape[1], d_out)
         else:
             self.prior = None
 
-    def prior_outputs(self, tokens) -> torch.Tensor | float:
-        """The prior's outputs, in the units of `outputs` (0 without a prior)."""
-        if self.prior is None:
-            return 0.0
+    def read_outputs(self, tokens) -> torch.Tensor:
+        """The prior's outputs, in the units of `outputs`."""
         return self.prior(self.features(tokens, self.schema, 0, sketch=False)["dw+spectrum"]).float()
+
+    def prior_outputs(self, tokens) -> torch.Tensor | float:
+        """What a warm start adds to the head (0 without one)."""
+        return self.read_outputs(tokens) if self.warm_start else 0.0
 
     @torch.no_grad()
     def fit_prior(self, dm) -> str:

@@ -22,7 +22,7 @@ class Classification(PredictionTask):
     primary = "acc"
 
     def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, label_smoothing: float = 0.0,
-                 warm_start: bool = False):
+                 warm_start: bool = False, blend: bool = False):
         super().__init__()
         self.multilabel = bool(info.label_columns)
         self.n = len(info.label_columns) if self.multilabel else len(info.classes)
@@ -30,14 +30,21 @@ class Classification(PredictionTask):
             raise ValueError("classification needs data.label_column with ≥ 2 classes or data.label_columns")
         self.monitor = "val/auroc" if self.multilabel else "val/acc"
         self.head = mlp(d, self.n, hidden, dropout, zero_out=warm_start)
-        self.init_prior(info, self.n, warm_start)
+        self.init_prior(info, self.n, warm_start, blend)
         self.label_smoothing = label_smoothing
 
-    def outputs(self, emb, tokens=None):
+    def model_outputs(self, emb, tokens=None):
         return self.head(emb) + self.prior_outputs(tokens)
 
+    def mix(self, out, read, lam):
+        """Logits of the mixed probabilities (per label when multi-label)."""
+        if self.multilabel:
+            p = (1 - lam) * torch.sigmoid(out) + lam * torch.sigmoid(read)
+            return torch.logit(p, eps=1e-7)
+        return torch.log((1 - lam) * out.softmax(-1) + lam * read.softmax(-1)).clamp_min(-60.0)
+
     def loss(self, emb, batch):
-        logits = self.outputs(emb, batch["tokens"])
+        logits = self.model_outputs(emb, batch["tokens"])
         if self.multilabel:
             return F.binary_cross_entropy_with_logits(logits, batch["labels"])
         return F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)

@@ -19,19 +19,26 @@ class Performance(PredictionTask):
     primary = "spearman"
     monitor = "val/spearman"
 
-    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, warm_start: bool = False):
+    def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, warm_start: bool = False,
+                 blend: bool = False):
         super().__init__()
         self.head = mlp(d, 1, hidden, dropout, zero_out=warm_start)
-        self.init_prior(info, 1, warm_start)
+        self.init_prior(info, 1, warm_start, blend)
         self.mean, self.std = info.target_mean, info.target_std
 
-    def outputs(self, emb, tokens=None):
+    def model_outputs(self, emb, tokens=None):
         """Predictions in the target's units: the prior's, or the target's mean, plus the head's in std units."""
-        start = self.prior_outputs(tokens).squeeze(-1) if self.prior is not None else self.mean
+        start = self.prior_outputs(tokens) if self.warm_start else self.mean
         return self.head(emb).squeeze(-1) * self.std + start
 
+    def read_outputs(self, tokens):
+        return super().read_outputs(tokens).squeeze(-1)
+
+    def mix(self, out, read, lam):
+        return (1 - lam) * out + lam * read
+
     def loss(self, emb, batch):
-        return ((self.outputs(emb, batch["tokens"]) - batch["target"]) / self.std).square().mean()  # MSE in std units
+        return ((self.model_outputs(emb, batch["tokens"]) - batch["target"]) / self.std).square().mean()  # MSE in std units
 
     def evaluate(self, out, batch):
         keep = batch["in_split"]

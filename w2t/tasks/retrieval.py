@@ -41,6 +41,8 @@ class Retrieval(Task):
 
     `warm_start`: the embedding is the normalized `dw` features (the `dw` read) beside the head's projection,
     which starts at zero: ranking starts as the `dw` cosine, and training adds what it learns to it.
+    `blend` (Task): after training, the cosine becomes (1 − λ)·the model's + λ·the `dw` read's, λ chosen on
+    validation.
     """
 
     name = "retrieval"
@@ -51,7 +53,7 @@ class Retrieval(Task):
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
                  monitor: str = "val/mrr", neighbourhood_weight: float = 0.0, neighbourhood_temperature: float = 0.05,
-                 warm_start: bool = False):
+                 warm_start: bool = False, blend: bool = False):
         super().__init__()
         if monitor not in {f"val/{k}" for k in self.columns}:
             raise ValueError(f"retrieval monitor must be a val/ retrieval metric, got {monitor!r}")
@@ -63,15 +65,24 @@ class Retrieval(Task):
         self.temperature = temperature
         self.schema = TokenSchema.from_dict(info.schema)
         self.neighbourhood_weight, self.neighbourhood_temperature = neighbourhood_weight, neighbourhood_temperature
+        self.init_blend(blend)
 
-    def outputs(self, emb, tokens=None):
+    def model_outputs(self, emb, tokens=None):
         z = self.head(emb)
         if self.warm_start:
-            z = torch.cat([F.normalize(delta_w_features(tokens, self.schema).to(z), dim=-1), z], -1)
+            z = torch.cat([self.read_outputs(tokens).to(z), z], -1)
         return F.normalize(z, dim=-1)
 
+    def read_outputs(self, tokens):
+        """The `dw` read: normalized ΔW features, whose cosines are the modules' mean normalized-ΔW cosines."""
+        return F.normalize(delta_w_features(tokens, self.schema), dim=-1)
+
+    def mix(self, out, read, lam):
+        """Both unit vectors side by side, scaled so that the cosine is (1 − λ)·model's + λ·read's."""
+        return torch.cat([lam**0.5 * read.to(out), (1 - lam) ** 0.5 * out], -1)
+
     def loss(self, emb, batch):
-        z = self.outputs(emb, batch["tokens"])
+        z = self.model_outputs(emb, batch["tokens"])
         loss = supcon_loss(z, batch["group"], self.temperature)
         if self.neighbourhood_weight:
             teacher = delta_w_features(batch["tokens"], self.schema).to(z)

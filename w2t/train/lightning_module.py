@@ -83,10 +83,32 @@ class AdapterModel(L.LightningModule):
     def forward(self, tokens) -> torch.Tensor:
         return self.task.outputs(self.encoder(tokens), tokens)
 
+    def unblended(self, tokens) -> torch.Tensor:
+        """The trained model's outputs alone, not mixed with the fixed read (what the blend is measured against)."""
+        return self.task.model_outputs(self.encoder(tokens), tokens)
+
     def on_fit_start(self):
         prior = getattr(self.task, "prior", None)
         if prior is not None and not bool(prior.fitted):  # a resumed run keeps the prior it started from
-            log.info("warm start: the %s read fitted on the training split", self.task.fit_prior(self.trainer.datamodule))
+            log.info("prior (warm start, blend): the %s read fitted on the training split",
+                     self.task.fit_prior(self.trainer.datamodule))
+
+    @torch.no_grad()
+    def fit_blend(self, dm) -> float | None:
+        """Choose the blend's λ (the fixed read's weight, `Task.fit_blend`) on the validation split, for the current
+        weights; None when the task does not blend."""
+        if not self.task.blend:
+            return None
+        was_training = self.training
+        self.eval()
+        self.task.blend_weight.fill_(-1.0)  # the model's outputs alone
+        val = dm.whole_split("val")
+        scores = self.task.fit_blend(self(move_data_to_device(val["tokens"], self.device)).float().cpu(), val)
+        self.train(was_training)
+        lam = round(float(self.task.blend_weight), 6)
+        log.info("blend: the fixed read weighs %g (validation %s: %s)", lam, self.task.primary,
+                 ", ".join(f"{k:g}: {v:.4f}" for k, v in scores.items()))
+        return lam
 
     def training_step(self, batch, batch_idx):
         loss = self.task.loss(self.encoder(batch["tokens"]), batch)

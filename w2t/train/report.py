@@ -23,6 +23,9 @@ def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str
         return
     spec = TASKS[task]
     rows = [(f"{name} (trained)", "test/")]
+    if "blend_weight" in metrics:  # the trained model mixed with the fixed read, and alone
+        rows = [(f"{name} (blend, read weight {metrics['blend_weight']:g})", "test/"),
+                (f"{name} (trained, alone)", "test_unblended/")]
     rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in spec.baselines
              if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
     notes = [about]

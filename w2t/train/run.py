@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from w2t.canon.reparam import REPARAMS, reparametrize
@@ -98,8 +99,9 @@ def train(cfg: DictConfig) -> float | None:
     if not cfg.get("test", True):
         return None if value is None else float(value)
 
-    test_metrics = trainer.test(model, datamodule=dm, ckpt_path=best or None, weights_only=True, verbose=False)[0]
-    metrics = {k: float(v) for k, v in test_metrics.items()}
+    blend = _fit_blend(model, dm, best, trainer.is_global_zero)
+    test_metrics = trainer.test(model, datamodule=dm, weights_only=True, verbose=False)[0]
+    metrics = {k: float(v) for k, v in test_metrics.items()} | blend
     if trainer.is_global_zero:
         # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
         metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
@@ -119,6 +121,30 @@ def train(cfg: DictConfig) -> float | None:
         if not cfg.get("save_checkpoints", True):
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return None if value is None else float(value)
+
+
+@torch.no_grad()
+def _fit_blend(model: AdapterModel, dm: AdapterDataModule, best: str, write: bool) -> dict[str, float]:
+    """Load the best checkpoint's weights (what is tested), choose the blend's λ for them on validation, and store
+    it in that checkpoint, so eval.py tests what train.py did. Returns λ (`blend_weight`) and the model's own
+    val and test metrics (`val_unblended/…`, `test_unblended/…`: what the blend adds is measured on the same
+    weights), or {} without a blend."""
+    if best:
+        ckpt = torch.load(best, map_location=model.device, weights_only=True)
+        model.load_state_dict(ckpt["state_dict"])
+    lam = model.fit_blend(dm)
+    if lam is None:
+        return {}
+    if best and write:
+        ckpt["state_dict"]["task.blend_weight"] = model.task.blend_weight.detach().clone()
+        atomic_write(Path(best), lambda tmp: torch.save(ckpt, tmp))
+    out = {"blend_weight": lam}
+    model.eval()
+    for stage in ("val", "test"):
+        split = dm.whole_split(stage)
+        alone = model.unblended(move_data_to_device(split["tokens"], model.device)).float().cpu()
+        out |= {f"{stage}_unblended/{k}": float(v) for k, v in model.task.evaluate(alone, split).items()}
+    return out
 
 
 @torch.no_grad()
@@ -158,6 +184,8 @@ def _baselines_and_items(model, dm: AdapterDataModule, seed: int, out_dir: Path)
     device = getattr(model, "device", "cpu")
     tokens = {g: {k: v.to(device) for k, v in t.items()} for g, t in split["tokens"].items()}
     items = {"model": task.item_values(model(tokens).float().cpu(), split)}
+    if task.blend:
+        items["unblended"] = task.item_values(model.unblended(tokens).float().cpu(), split)
     items |= {f"baseline_{name}": task.item_values(out, split) for name, out in outputs["test"].items()}
     arrays = {f"{source}/{k}": v for source, values in items.items() for k, v in values.items()}
 
