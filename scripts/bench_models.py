@@ -113,9 +113,9 @@ def main() -> None:
               "threads": torch.get_num_threads(), **machine(), "rows": rows}
     print(f"encoder throughput: {args.collection}, batch {args.batch_size}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs (load {result['load_avg_1min']:.1f}), best of {args.repeats}×{args.steps} steps")
-    print(f"{'model':<20}  {'input':<9}  {'params':>10}  {'train ad/s':>10}  {'embed ad/s':>10}  {'train vs w2t':>12}")
+    print(f"{'model':<22}  {'input':<9}  {'params':>10}  {'train ad/s':>10}  {'embed ad/s':>10}  {'train vs w2t':>12}")
     for r in rows:
-        print(f"{r['model']:<20}  {r['input']:<9}  {r['params']:>10,}  {r['train_adapters_per_s']:>10.1f}  "
+        print(f"{r['model']:<22}  {r['input']:<9}  {r['params']:>10,}  {r['train_adapters_per_s']:>10.1f}  "
               f"{r['embed_adapters_per_s']:>10.1f}  {r['train_vs_w2t']:>11.2f}x")
     write(result, args.out)
 

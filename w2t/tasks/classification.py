@@ -144,4 +144,5 @@ class _PerLabel(MultiOutputClassifier):
         self.estimators_ = [(clone(self.estimator) if len(np.unique(y)) > 1 else DummyClassifier(strategy="prior"))
                             .fit(X, y) for y in np.asarray(Y).T]
         self.classes_ = [e.classes_ for e in self.estimators_]
+        self.n_features_in_ = np.asarray(X).shape[1]
         return self

@@ -23,12 +23,14 @@ def print_results(task: str, metrics: dict[str, float], out_dir: Path, name: str
         return
     spec = TASKS[task]
     rows = [(f"{name} (trained)", "test/")]
-    if "blend_weight" in metrics:  # the trained model mixed with the fixed read, and alone
-        rows = [(f"{name} (blend, read weight {metrics['blend_weight']:g})", "test/"),
-                (f"{name} (trained, alone)", "test_unblended/")]
+    blend = metrics.get("blend_weight")
+    if blend is not None:  # the trained model mixed with the fixed read, and alone
+        rows = [(f"{name} (blend λ={blend:g})", "test/"), (f"{name} (alone)", "test_unblended/")]
     rows += [(f"baseline: {b}", f"test/baseline_{b}/") for b in spec.baselines
              if any(k.startswith(f"test/baseline_{b}/") for k in metrics)]
     notes = [about]
+    if blend is not None:
+        notes.append("blend λ: the best simple read's weight in the outputs (chosen on validation)")
     if (best := spec.best_baseline(metrics)) is not None:
         rows.append((f"best baseline: {best}", f"test/baseline_{best}/"))
         notes.append(f"best baseline: the simple read with the best validation {spec.primary}")
