@@ -99,12 +99,13 @@ def run_one(experiment: str, name: str, seed: int, out: Path, overrides: list[st
 
 
 def git_state() -> dict:
-    """The commit the comparison ran on, and whether the tree had uncommitted changes (then it is not that commit)."""
+    """The commit the comparison ran on, and whether the tree had uncommitted changes (then it is not that commit);
+    results/, where comparisons write, does not count."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
 
