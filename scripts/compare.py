@@ -12,7 +12,9 @@ configs/experiment (retrieval_open: retrieval on groups never trained on). Write
 the best simple read, chosen on validation per seed, with a paired bootstrap 95% CI over seeds × test
 items), OUT/compare.json (every run's metrics and those differences) and OUT/compare.png (the main
 metric per experiment). A model whose outputs are blended with a fixed read (task.head.blend, the default)
-gets a second row, `<model> (unblended)`: the same runs scored on the trained model's outputs alone. One comparison reads one collection; run it once per collection (`data=...`).
+gets a second row, `<model> (unblended)`: the same runs scored on the trained model's outputs alone; a
+model name ending in `-no-blend` runs without the blend. One comparison reads one collection; run it once
+per collection (`data=...`).
 """
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def git_state() -> dict:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
 

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, open_dict
 from w2t.data.datamodule import AdapterDataModule
 from w2t.errors import CollectionError
 from w2t.tasks import TASKS
-from w2t.train.lightning_module import AdapterModel
 from w2t.tasks.base import BLEND_GRID
+from w2t.train.lightning_module import AdapterModel
 from w2t.train.run import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
