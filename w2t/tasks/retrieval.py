@@ -85,7 +85,7 @@ class Retrieval(Task):
         z = self.model_outputs(emb, batch["tokens"])
         loss = supcon_loss(z, batch["group"], self.temperature)
         if self.neighbourhood_weight:
-            teacher = delta_w_features(batch["tokens"], self.schema).to(z)
+            teacher = self.read_outputs(batch["tokens"]).to(z)
             loss = loss + self.neighbourhood_weight * neighbourhood_loss(z, teacher, self.temperature,
                                                                          self.neighbourhood_temperature)
         return loss

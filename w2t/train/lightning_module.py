@@ -101,9 +101,8 @@ class AdapterModel(L.LightningModule):
             return None
         was_training = self.training
         self.eval()
-        self.task.blend_weight.fill_(-1.0)  # the model's outputs alone
         val = dm.whole_split("val")
-        scores = self.task.fit_blend(self(move_data_to_device(val["tokens"], self.device)).float().cpu(), val)
+        scores = self.task.fit_blend(self.unblended(move_data_to_device(val["tokens"], self.device)).float().cpu(), val)
         self.train(was_training)
         lam = round(float(self.task.blend_weight), 6)
         log.info("blend: the fixed read weighs %g (validation %s: %s)", lam, self.task.primary,
