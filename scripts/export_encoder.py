@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     model = AdapterModel.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     data = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
-    out = model.encoder.save_pretrained(args.out, sign_rule=data.get("sign_rule", True),
-                                        representation=data.get("representation", "canonical"))
+    out = model.export_encoder(args.out, sign_rule=data.get("sign_rule", True),
+                               representation=data.get("representation", "canonical"))
     print(f"encoder ({model.encoder.num_parameters():,} parameters) → {out}")
 
 

@@ -249,3 +249,47 @@ def test_export_of_a_checkpoint_keeps_the_representation_it_was_trained_on(run_o
     saved = json.loads((tmp_path / "exported" / "config.json").read_text())["canonicalization"]
     assert saved["representation"] == "raw"
     assert load_pretrained(tmp_path / "exported").canon.representation == "raw"
+
+
+
+def test_a_retrieval_runs_encoder_embeds_into_the_space_its_test_mrr_was_measured_in(tiny, data_dir, tmp_path):
+    """A retrieval run exports its head and blend with the encoder: `w2t-embed` in a fresh process gives the outputs
+    the run tested, and ranking the test split by their cosine gives the run's test MRR. So does an encoder exported
+    from a checkpoint whose blend mixes both (λ = ½); the encoder alone does not."""
+    from w2t.train.run import setup_run
+
+    cfg = make_cfg(["experiment=retrieval", f"data.root={tiny}", f"paths.data_dir={data_dir}", "trainer.max_epochs=2",
+                    "callbacks.progress_bar=null", "++trainer.enable_progress_bar=false", "logger=csv"], tmp_path / "run")
+    w2t.train.run.train(cfg)
+    run = tmp_path / "run"
+    dm, _ = setup_run(cfg)
+    test = dm.whole_split("test")
+    rows = test["index"].tolist()
+    library = tmp_path / "library"
+    library.mkdir()
+    for i, row in enumerate(rows):  # the test split's adapters, named so that the CLI keeps their order
+        (library / f"{i:04d}").symlink_to(Path(dm.table.abs_path[row]).resolve())
+    out = tmp_path / "emb.safetensors"
+    proc = subprocess.run([sys.executable, "embed.py", "--encoder", str(run / "encoder"), "--adapters", str(library),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb, ids, _ = load_embeddings(out)
+    assert ids == [f"{i:04d}" for i in range(len(rows))]
+    model = AdapterModel.load_from_checkpoint(run / "checkpoints" / "best.ckpt", weights_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(emb, model(test["tokens"]), atol=1e-5)
+    assert model.task.evaluate(emb, test)["mrr"] == pytest.approx(json.loads((run / "metrics.json").read_text())["test/mrr"])
+
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["state_dict"]["task.blend_weight"].fill_(0.5)  # the head and the dw read both count
+    torch.save(ckpt, tmp_path / "half.ckpt")
+    runpy.run_path(str(ROOT / "scripts" / "export_encoder.py"))["main"](
+        ["--ckpt", str(tmp_path / "half.ckpt"), "--out", str(tmp_path / "half")])
+    encoder = load_pretrained(tmp_path / "half")
+    model = AdapterModel.load_from_checkpoint(tmp_path / "half.ckpt", weights_only=True).eval()
+    items = [dm.tokens(r) for r in rows]
+    with torch.no_grad():
+        assert torch.allclose(encoder.embed_tokens(items), model(test["tokens"]), atol=1e-5)
+    encoder.output = None  # the broken variant: the encoder's own embedding, which was never scored
+    alone = encoder.embed_tokens(items)
+    assert alone.shape != emb.shape or not torch.allclose(alone, emb, atol=1e-5)

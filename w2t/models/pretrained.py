@@ -2,9 +2,12 @@
 
 An exported encoder is a folder with `model.safetensors` (weights) and `config.json` (architecture,
 token schema, canonicalization version and options, w2t version), so it rebuilds anywhere from the
-artifact alone. Embedding reads each adapter exactly as training read it: the same canonicalization
-options and the saved schema. Modules the schema has no position for are masked and reported;
-an adapter none of whose modules fits (another base model) is an error for that adapter only.
+artifact alone. The encoder of a run whose task outputs an embedding space (retrieval) also exports
+that task's head, blend included (`output.safetensors`, `config.json`'s `output`): it embeds adapters
+into the space the run's test MRR was measured in, which is what `w2t-search` ranks by. Embedding
+reads each adapter exactly as training read it: the same canonicalization options and the saved schema.
+Modules the schema has no position for are masked and reported; an adapter none of whose modules fits
+(another base model) is an error for that adapter only.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+OUTPUT_FILE = "output.safetensors"
 FORMAT = "w2t-encoder"
 
 
@@ -57,11 +61,13 @@ class PretrainedConfig:
     canon: CanonOptions = CanonOptions()
     canon_version: int = CANON_VERSION
     w2t_version: str = "unknown"
+    output: dict | None = None  # the task head embeddings go through: {"task", "d", "info", "head"} (its arguments)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "w2t_version": self.w2t_version, "arch": self.arch, "encoder": self.encoder,
                 "schema": self.schema,
-                "canonicalization": {"version": self.canon_version, **asdict(self.canon)}}
+                "canonicalization": {"version": self.canon_version, **asdict(self.canon)}} | (
+                    {"output": self.output} if self.output else {})
 
     @classmethod
     def read(cls, directory: str | Path) -> PretrainedConfig:
@@ -72,7 +78,8 @@ class PretrainedConfig:
             canon = dict(raw["canonicalization"])
             config = cls(encoder=raw["encoder"], schema=raw["schema"], arch=raw.get("arch", "w2t"),
                          canon_version=canon.pop("version"),
-                         canon=CanonOptions(**canon), w2t_version=raw.get("w2t_version", "unknown"))
+                         canon=CanonOptions(**canon), w2t_version=raw.get("w2t_version", "unknown"),
+                         output=raw.get("output"))
         except FileNotFoundError:
             raise W2TError(f"no {CONFIG_FILE}: not an exported encoder folder (save_pretrained writes one)", path) from None
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -103,8 +110,12 @@ def w2t_version() -> str:
 
 
 def fingerprint(directory: str | Path) -> str:
-    """sha256 of an exported encoder's weights: embeddings from different encoders are not comparable."""
-    return hashlib.sha256((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    """sha256 of an exported encoder's weights (and its output head's): embeddings from different encoders are not
+    comparable."""
+    digest = hashlib.sha256((Path(directory) / WEIGHTS_FILE).read_bytes())
+    if (Path(directory) / OUTPUT_FILE).exists():
+        digest.update((Path(directory) / OUTPUT_FILE).read_bytes())
+    return digest.hexdigest()
 
 
 class Encoder(nn.Module):
@@ -120,6 +131,7 @@ class Encoder(nn.Module):
         self.schema = schema
         self.config = config
         self.names = [g.name for g in schema.groups]
+        self.output = None  # a task whose `outputs` `embed` returns (load_pretrained sets an exported one)
 
     @property
     def dim(self) -> int:
@@ -132,16 +144,26 @@ class Encoder(nn.Module):
         return {"arch": self.arch, "encoder": asdict(self.config), "schema": self.schema.to_dict()}
 
     def save_pretrained(self, directory: str | Path, *, sign_rule: bool | None = None,
-                        rtol: float | None = None, representation: str | None = None) -> Path:
+                        rtol: float | None = None, representation: str | None = None,
+                        output: tuple[nn.Module, dict] | None = None) -> Path:
         """Write `model.safetensors` + `config.json`; `sign_rule`/`rtol` (default: `self.canon`) must be
-        the canonicalization options the training data was built with."""
+        the canonicalization options the training data was built with. `output`: (task, its constructor arguments
+        `{"task", "d", "info", "head"}`), the head `embed` then maps embeddings through (`output.safetensors`)."""
         canon = CanonOptions(self.canon.sign_rule if sign_rule is None else sign_rule,
                              self.canon.rtol if rtol is None else rtol,
                              self.canon.representation if representation is None else representation)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = PretrainedConfig(**self.config_dict(), canon=canon, w2t_version=w2t_version())
-        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        config = PretrainedConfig(**self.config_dict(), canon=canon, w2t_version=w2t_version(),
+                                  output=output[1] if output else None)
+        (directory / OUTPUT_FILE).unlink(missing_ok=True)
+        if output:
+            save_model(output[0], str(directory / OUTPUT_FILE), metadata={"format": FORMAT})
+        kept, self.output = self.output, None  # the weights file holds the encoder alone
+        try:
+            save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        finally:
+            self.output = kept
         (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
         return directory
 
@@ -166,15 +188,21 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def embed_tokens(self, items: list[Tokens]) -> torch.Tensor:
-        """Embeddings (B, d) of tokenized adapters, in eval mode whatever mode the encoder is in."""
+        """Embeddings (B, d) of tokenized adapters, through `output` when there is one, in eval mode whatever mode
+        the encoder is in."""
         device = next(self.parameters()).device
         batch = {g: {k: v.to(device) for k, v in t.items()} for g, t in collate_tokens(items).items()}
         was_training = self.training
         self.eval()
         try:
-            return self(batch).float()
+            emb = self(batch)
+            return (emb if self.output is None else self.output.outputs(emb, batch)).float()
         finally:
             self.train(was_training)
+
+    def _no_embeddings(self) -> torch.Tensor:
+        """(0, d) in the width `embed` returns."""
+        return self.embed_tokens([tokenize([], self.schema)[0]])[:0]
 
     def embed(self, paths: str | Path | Sequence[str | Path], *, batch_size: int = 32,
               allow_pickle: bool = False, base: str | Path | None = None, max_rank: int = DEFAULT_MAX_RANK) -> torch.Tensor:
@@ -182,7 +210,7 @@ class Encoder(nn.Module):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         out = [emb for _, emb in self._embed_batches(paths, batch_size, {"allow_pickle": allow_pickle, "base": base,
                                                                            "max_rank": max_rank}, on_error=None)]
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        return torch.cat(out) if out else self._no_embeddings()
 
     def embed_many(self, paths: Sequence[str | Path], ids: Sequence[str] | None = None, *,
                    batch_size: int = 32, allow_pickle: bool = False, base: str | Path | None = None,
@@ -202,7 +230,7 @@ class Encoder(nn.Module):
                                             on_error=report):
             done += [ids[i] for i in idx]
             out.append(emb)
-        return EmbedResult(torch.cat(out) if out else torch.empty(0, self.dim), done, failed)
+        return EmbedResult(torch.cat(out) if out else self._no_embeddings(), done, failed)
 
     def _embed_batches(self, paths: list[str | Path], batch_size: int, read: dict,
                        on_error: Callable[[int, W2TError], None] | None) -> Iterator[tuple[list[int], torch.Tensor]]:

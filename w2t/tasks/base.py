@@ -79,6 +79,7 @@ class Task(nn.Module):
     primary: ClassVar[str]  # the main metric: what comparisons rank by
     baselines: ClassVar[tuple[str, ...]]  # the simple reads of docs/design.md §5 it scores beside every model
     uses_gallery: ClassVar[bool] = False  # evaluation also embeds the gallery (docs/design.md §5)
+    embeds: ClassVar[bool] = False  # its outputs are an embedding space: the exported encoder embeds through it
     mode: ClassVar[str] = "max"
     monitor: str  # the validation metric checkpointing and early stopping follow
     blend: bool = False  # `init_blend`

@@ -50,6 +50,7 @@ class Retrieval(Task):
     primary = "mrr"
     baselines = ("raw", "sketch", "dw", "dw_white")
     uses_gallery = True
+    embeds = True
 
     def __init__(self, d: int, info, hidden: int = 64, proj_dim: int = 64, temperature: float = 0.1, dropout: float = 0.0,
                  monitor: str = "val/mrr", neighbourhood_weight: float = 0.0, neighbourhood_temperature: float = 0.05,

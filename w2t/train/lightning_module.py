@@ -58,6 +58,7 @@ class AdapterModel(L.LightningModule):
         if not pretrained:
             return build_encoder(arch, schema, encoder)
         enc = load_pretrained(pretrained)
+        enc.output = None  # the encoder alone: this model trains its own head
         if enc.schema != schema:
             raise W2TError("the data's token schema differs from the pretrained encoder's: tokenize the data with "
                            "the encoder's schema (AdapterDataModule(schema=...); train.py does it for model.pretrained)",
@@ -69,6 +70,16 @@ class AdapterModel(L.LightningModule):
         # `pretrained` is not needed again), and eval.py reads adapters as the encoder was trained on them
         self.hparams.update(encoder=asdict(enc.config), arch=enc.arch, input=enc.canon.representation, pretrained=None)
         return enc
+
+    def export_encoder(self, directory, *, sign_rule: bool, representation: str):
+        """The encoder as a pretrained folder (`Encoder.save_pretrained`), with the task head (blend included) when the
+        task's outputs are an embedding space: the exported encoder then embeds as the run was scored."""
+        output = None
+        if self.task.embeds:
+            hp = self.hparams
+            output = (self.task, {"task": hp.task, "d": self.encoder.dim, "info": hp.info, "head": dict(hp.head or {})})
+        return self.encoder.save_pretrained(directory, sign_rule=sign_rule, representation=representation,
+                                            output=output)
 
     def train(self, mode: bool = True) -> AdapterModel:
         super().train(mode)

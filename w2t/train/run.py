@@ -105,7 +105,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         # the best checkpoint's validation scores beside the test ones: choose settings on these, never on test
         metrics |= {f"val/{k}": v for k, v in model.score(dm.val_dataloader()).items()}
-        model.encoder.save_pretrained(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
+        model.export_encoder(out_dir / "encoder", sign_rule=dm.hp.sign_rule, representation=dm.hp.representation)
         model.eval()
         metrics |= reparam_metrics(model, dm, metrics, cfg.seed)
         baselines = _baselines_and_items(model, dm, cfg.seed, out_dir)
