@@ -62,8 +62,9 @@ ABLATIONS = {
     "w2t+neighbourhood": ["model=w2t", "task.head.neighbourhood_weight=1"],  # keep ΔW's neighbourhoods
     "w2t+warm-start": ["model=w2t", "task.head.warm_start=true"],  # start as the best linear read, add to it
     "w2t-no-rank-attention": ["model=w2t", "model.encoder.rank_attention=false"],  # the read-out of ΔW without it
+    "w2t+mixup": ["model=w2t", "task.head.mixup=0.4"],  # weight-space mixup of the training adapters and their labels
 }
-ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}}  # ablations of one task's head: run for that task alone
+ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}, "w2t+mixup": {"classification"}}  # ablations of one task's head: run for that task alone
 NO_BLEND = "-no-blend"  # after any model or ablation name: its outputs not blended with the fixed read (task.head.blend)
 LOWER_IS_BETTER = {"mae"}
 

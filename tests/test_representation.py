@@ -71,3 +71,32 @@ def test_reparametrizations_keep_the_update_and_the_canonical_tokens(kind, tmp_p
             assert torch.allclose(got[g][k].double(), ref[g][k].double(), rtol=tol, atol=tol * ref[g]["s"].max().item())
     with pytest.raises(ValueError, match="reparametrization"):
         reparametrize(adapter, "transpose")
+
+
+def test_mixed_tokens_are_the_canonical_tokens_of_the_mixed_update(tmp_path):
+    """Weight-space mixup of two real PEFT adapters gives exactly the canonical tokens (sign rule included) of the
+    adapter whose update is t·ΔW₁ + (1 − t)·ΔW₂, where the two ranks fit the schema; mixing the tokens themselves
+    linearly, without canonicalizing again, does not."""
+    from adapters_factory import llama_adapter
+
+    from w2t.data.tokens import TokenSchema, collate_tokens, mix_tokens, tokenize
+    from w2t.io.formats import load_adapter
+
+    one, two = (load_adapter(llama_adapter(tmp_path / f"a{s}", seed=s).path) for s in (1, 2))
+    t = 0.7
+    merged = Adapter("merged", [LoraModule(a.name, torch.cat([a.A, b.A]).double(),
+                                           torch.cat([t * a.scale * a.B, (1 - t) * b.scale * b.B], 1).double(), 1.0,
+                                           a.layer, a.module_type) for a, b in zip(one.modules, two.modules)])
+    schema = TokenSchema.from_modules(adapter_components(merged))  # rank 2r: the mixture fits exactly
+    batch = collate_tokens([tokenize(adapter_components(a), schema)[0] for a in (one, two)])
+    assert max(g.max_rank for g in schema.groups) == 2 * one.modules[0].rank
+    want, _ = tokenize(adapter_components(merged), schema)
+    got = mix_tokens(batch, torch.tensor([1, 0]), torch.tensor([t, 1 - t]))
+    for name, ref in want.items():
+        for k in ("u", "v", "s"):
+            scale = ref["s"].abs().max().item() if k == "s" else 1.0
+            assert torch.allclose(got[name][k][0], ref[k], atol=1e-4 * scale) and torch.allclose(got[name][k][1], ref[k],
+                                                                                                    atol=1e-4 * scale)
+        assert torch.equal(got[name]["mask"][0], ref["mask"])
+    linear = {k: t * batch[name][k][0] + (1 - t) * batch[name][k][1] for k in ("u", "s")}  # the broken variant
+    assert not torch.allclose(linear["u"], want[name]["u"], atol=1e-3)

@@ -472,6 +472,31 @@ def test_the_blend_is_chosen_on_validation_between_the_model_and_the_read(experi
     assert scores()[1] != pytest.approx(baseline, abs=1e-5)
 
 
+def test_mixup_trains_on_mixed_updates_with_mixed_targets(tiny_collection, tmp_path):
+    """`task.head.mixup`: the loss sees re-canonicalized mixtures of the batch's updates, each with the same mixture of
+    the two targets (its own label weighing at least ½), and such a run trains and tests like any other."""
+    import torch.nn.functional as F
+
+    from w2t.models.features import delta_w_features
+    from w2t.train.run import setup_run
+
+    cfg = make_cfg(["experiment=classification", *fast(tiny_collection, tmp_path), "task.head.mixup=0.4"], tmp_path / "run")
+    dm, model = setup_run(cfg)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    mixed = model.task.augment(batch)
+    y = F.one_hot(batch["label"], model.task.n).float()
+    target = mixed["target"]
+    assert torch.allclose(target.sum(1), torch.ones(len(y))) and (target[y.bool()] >= 0.5).all()
+    assert (target < 1).any(1).sum() > 0, "some adapters are mixed with another class"
+    before, after = (delta_w_features(b["tokens"], dm.schema) for b in (batch, mixed))
+    assert not torch.allclose(before, after, atol=1e-4), "the updates themselves are mixed"
+    assert train(cfg) is not None
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/acc"]) and math.isfinite(metrics["test_unblended/acc"])
+
+
 def test_compare_paired_bootstrap_against_the_best_baseline_chosen_on_val(tmp_path):
     compare = runpy_module("scripts/compare.py")
     assert compare.EXPERIMENTS["retrieval_open"] == "retrieval" and compare.EXPERIMENTS["classification"] == "classification"

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from w2t.canon.canonical import CanonicalModule
+from w2t.canon.canonical import CanonicalModule, canonicalize
 from w2t.canon.dora import MODULE_FEATURES
 from w2t.errors import SchemaError
 
@@ -132,3 +132,27 @@ def _drop_masked_tail(mod: CanonicalModule, rank: int) -> CanonicalModule:
 def collate_tokens(items: list[Tokens]) -> Tokens:
     """Stack per-adapter tokens into a batch: every tensor gains a leading dimension B."""
     return {g: {k: torch.stack([it[g][k] for it in items]) for k in items[0][g]} for g in items[0]}
+
+
+def mix_tokens(tokens: Tokens, partner: torch.Tensor, t: torch.Tensor) -> Tokens:
+    """Canonical tokens of t·ΔW + (1 − t)·ΔW[partner] for every module of a batch (weight-space mixup).
+
+    The two updates side by side, [U₁ U₂]·diag(t·σ₁, (1 − t)·σ₂)·[V₁ V₂]ᵀ, are canonicalized again (QR and the SVD
+    of the 2r×2r core, sign rule included), so the mixture is what any factorization of it would give; its top
+    `max_rank` components are kept, the best update of the schema's rank (exact when the two ranks sum to at most
+    it). `partner`: (B,) batch indices; `t`: (B,) weights. Module features (DoRA) are mixed linearly."""
+    out: Tokens = {}
+    for name, x in tokens.items():
+        R = x["s"].shape[-1]
+        a = t.to(x["s"]).view(-1, 1, 1)  # (B, 1, 1)
+        s = torch.cat([a * x["s"] * x["mask"], (1 - a) * (x["s"] * x["mask"])[partner]], -1)  # (B, L, 2R)
+        u = torch.cat([x["u"], x["u"][partner]], -2)  # (B, L, 2R, m)
+        v = torch.cat([x["v"], x["v"][partner]], -2)
+        form = canonicalize(v, u.transpose(-1, -2) * s.unsqueeze(-2))  # A = [V₁ V₂]ᵀ, B = [U₁ U₂]·diag(s)
+        dtype = x["u"].dtype
+        keep = form.mask[..., :R]
+        out[name] = {"u": (form.U.transpose(-1, -2)[..., :R, :] * keep.unsqueeze(-1)).to(dtype),
+                     "v": (form.V.transpose(-1, -2)[..., :R, :] * keep.unsqueeze(-1)).to(dtype),
+                     "s": (form.S[..., :R] * keep).to(dtype), "mask": keep,
+                     "f": (a * x["f"] + (1 - a) * x["f"][partner]).to(x["f"].dtype)}
+    return out

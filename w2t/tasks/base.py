@@ -88,6 +88,10 @@ class Task(nn.Module):
     def loss(self, emb: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def augment(self, batch: dict) -> dict:
+        """A training batch as the encoder and the loss see it: a task may re-write adapters and their targets."""
+        return batch
+
     def outputs(self, emb: torch.Tensor, tokens=None) -> torch.Tensor:
         """Per adapter: predictions, or the retrieval embedding (what `evaluate` takes), blended with the fixed
         read once `fit_blend` has chosen its weight; `tokens` feed the fixed reads."""

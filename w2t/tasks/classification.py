@@ -12,6 +12,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torchmetrics.functional import auroc
 from torchmetrics.functional.classification import accuracy, f1_score, multilabel_auroc
 
+from w2t.data.tokens import mix_tokens
 from w2t.tasks.base import PredictionTask, mlp, register
 
 
@@ -22,7 +23,7 @@ class Classification(PredictionTask):
     primary = "acc"
 
     def __init__(self, d: int, info, hidden: int = 64, dropout: float = 0.1, label_smoothing: float = 0.0,
-                 warm_start: bool = False, blend: bool = False):
+                 warm_start: bool = False, blend: bool = False, mixup: float = 0.0):
         super().__init__()
         self.multilabel = bool(info.label_columns)
         self.n = len(info.label_columns) if self.multilabel else len(info.classes)
@@ -32,6 +33,7 @@ class Classification(PredictionTask):
         self.head = mlp(d, self.n, hidden, dropout, zero_out=warm_start)
         self.init_prior(info, self.n, warm_start, blend)
         self.label_smoothing = label_smoothing
+        self.mixup = mixup
 
     def model_outputs(self, emb, tokens=None):
         return self.head(emb) + self.prior_outputs(tokens)
@@ -43,11 +45,24 @@ class Classification(PredictionTask):
             return torch.logit(p, eps=1e-7)
         return torch.log((1 - lam) * out.softmax(-1) + lam * read.softmax(-1)).clamp_min(-60.0)
 
+    def augment(self, batch):
+        """Weight-space mixup (`mixup` = α > 0): each adapter becomes t·ΔW + (1 − t)·ΔW' of itself and another of
+        the batch, t ~ Beta(α, α), re-canonicalized (`mix_tokens`), and its target the same mixture of the two."""
+        if not self.mixup:
+            return batch
+        n = len(batch["index"])
+        partner = torch.randperm(n, device=batch["index"].device)
+        t = torch.distributions.Beta(self.mixup, self.mixup).sample((n,)).to(batch["index"].device)
+        t = torch.maximum(t, 1 - t)  # the adapter itself keeps the larger weight
+        y = batch["labels"] if self.multilabel else F.one_hot(batch["label"], self.n).float()
+        target = t.unsqueeze(1) * y + (1 - t.unsqueeze(1)) * y[partner]
+        return batch | {"tokens": mix_tokens(batch["tokens"], partner, t), "target": target}
+
     def loss(self, emb, batch):
         logits = self.model_outputs(emb, batch["tokens"])
         if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, batch["labels"])
-        return F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+            return F.binary_cross_entropy_with_logits(logits, batch.get("target", batch["labels"]))
+        return F.cross_entropy(logits, batch.get("target", batch["label"]), label_smoothing=self.label_smoothing)
 
     def evaluate(self, out, batch):
         keep = batch["in_split"]

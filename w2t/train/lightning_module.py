@@ -121,6 +121,7 @@ class AdapterModel(L.LightningModule):
         return lam
 
     def training_step(self, batch, batch_idx):
+        batch = self.task.augment(batch)
         loss = self.task.loss(self.encoder(batch["tokens"]), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["index"]))
         return loss
