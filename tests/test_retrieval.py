@@ -161,6 +161,14 @@ def test_delta_w_baseline_is_the_cosine_of_normalized_updates(tiny_split):
     assert not torch.allclose(small @ small.T, explicit @ explicit.T, atol=1e-2)
     with_norms = delta_w_features(batch["tokens"], dm.schema, k=k, norms=True)
     assert with_norms.shape[1] == feats.shape[1] + sum(g.num_layers for g in dm.schema.groups)
+    # the exact read: its Gram matrix is the explicit one at any width, where the default k=2 sketch is not, and
+    # rows in chunks give the same matrix; the vectors `dw_exact` ranks by have that Gram matrix
+    from w2t.models.features import delta_w_gram, gram_embedding
+
+    gram = delta_w_gram(batch["tokens"], dm.schema, chunk=3)
+    assert torch.allclose(gram, explicit @ explicit.T, atol=1e-5)
+    emb = gram_embedding(gram).double()
+    assert torch.allclose(emb @ emb.T, gram, atol=1e-5)
 
 
 def test_neighbourhood_loss_is_zero_on_the_teacher_geometry_and_grows_away_from_it():

@@ -36,6 +36,7 @@ CONTRACT_KEYS = {
                     "test/baseline_dw/spearman", "val/spearman", "val/baseline_sketch/spearman"],
     "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
                   "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "test/baseline_dw/mrr", "test/baseline_dw_white/mrr",
+                  "test/baseline_dw_exact/mrr",
                   "val/mrr", "val/baseline_sketch/mrr"],
 }
 

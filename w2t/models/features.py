@@ -9,6 +9,8 @@ Feature maps (the simple reads of docs/design.md §5, printed beside every resul
 * sketch: a fixed Gaussian projection Rᵤᵀ ΔW Rᵥ of each module's update (k×k); invariant;
 * dw: each module's ΔW/‖ΔW‖ seen through fixed orthonormal Qᵤ, Qᵥ (exact when k ≥ m, n), plus
   log‖ΔW‖ per module for the fitted reads; invariant;
+* dw_exact (retrieval): the exact inner products of the modules' ΔW/‖ΔW‖ within a set of adapters, from
+  r×r products of their components (`delta_w_gram`): what `dw` approximates where k < m or n;
 * spectral: singular-value statistics per module; invariant, blind to the singular vectors.
 """
 from __future__ import annotations
@@ -87,6 +89,28 @@ def delta_w_features(tokens: Tokens, schema: TokenSchema, k: int = 48, seed: int
         feats.append(bilinear_readout(u @ Qu, w, v @ Qv).flatten(1))
         logs.append(torch.where(norm > 0, torch.log(norm.clamp_min(1e-300)), 0.0))
     return torch.cat(feats + (logs if norms else []), 1).float()
+
+
+def delta_w_gram(tokens: Tokens, schema: TokenSchema, chunk: int = 64) -> torch.Tensor:
+    """(N, N) Σ over module positions of ⟨ΔWₐ/‖ΔWₐ‖, ΔW_b/‖ΔW_b‖⟩_F, exact, without forming any ΔW: per module,
+    Σᵢⱼ wₐᵢ w_bⱼ (uₐᵢ·u_bⱼ)(vₐᵢ·v_bⱼ) with w = σ/‖σ‖ (absent modules add 0). Rows in chunks of `chunk` adapters."""
+    n = next(iter(tokens.values()))["s"].shape[0]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for g in schema.groups:
+        t = tokens[g.name]
+        s, u, v = (t["s"] * t["mask"]).double(), t["u"].double(), t["v"].double()  # (N, L, R), (N, L, R, m), ...
+        w = s / gram_norm(u, v, s).clamp_min(1e-300).unsqueeze(-1)
+        for a in range(0, n, chunk):
+            uu = torch.einsum("alim,bljm->ablij", u[a:a + chunk], u)
+            vv = torch.einsum("alin,bljn->ablij", v[a:a + chunk], v)
+            gram[a:a + chunk] += torch.einsum("ali,blj,ablij->ab", w[a:a + chunk], w, uu * vv).cpu()
+    return gram
+
+
+def gram_embedding(gram: torch.Tensor) -> torch.Tensor:
+    """(N, N) vectors whose inner products are the PSD matrix `gram` (its eigenvectors scaled by √eigenvalue)."""
+    vals, vecs = torch.linalg.eigh(gram.double())
+    return (vecs * vals.clamp_min(0).sqrt()).float()
 
 
 def spectral_features(tokens: Tokens, schema: TokenSchema, top_k: int = 4) -> torch.Tensor:

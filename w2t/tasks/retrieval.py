@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from w2t.data.tokens import TokenSchema
-from w2t.models.features import delta_w_features, raw_features, sketch_features
+from w2t.models.features import delta_w_features, delta_w_gram, gram_embedding, raw_features, sketch_features
 from w2t.tasks.base import Task, mlp, register
 
 
@@ -48,7 +48,7 @@ class Retrieval(Task):
     name = "retrieval"
     columns = ("mrr", "hit@1", "hit@10", "ndcg@10", "map")
     primary = "mrr"
-    baselines = ("raw", "sketch", "dw", "dw_white")
+    baselines = ("raw", "sketch", "dw", "dw_white", "dw_exact")
     uses_gallery = True
     embeds = True
 
@@ -112,7 +112,8 @@ class Retrieval(Task):
 
     def baseline_outputs(self, dm, seed, stages):
         """Cosine ranking of fixed features: `raw`, `sketch` and `dw` fit nothing, so unseen groups are read
-        like seen ones; `dw_white` ranks `dw` after a whitening fitted on the training split (no labels)."""
+        like seen ones; `dw_white` ranks `dw` after a whitening fitted on the training split (no labels);
+        `dw_exact` ranks by the exact cosine that `dw` sketches (vectors with the split's exact Gram matrix)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         white = whitening(delta_w_features(dm.whole_split("train")["tokens"], dm.schema, seed=seed))
         raw_of: dict[int, torch.Tensor] = {}  # the gallery is in every stage's items: read each file once
@@ -124,7 +125,7 @@ class Retrieval(Task):
             raw = torch.stack([raw_of[i] for i in split["index"].tolist()])
             dw = delta_w_features(split["tokens"], dm.schema, seed=seed)
             out[stage] = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed), "dw": dw,
-                          "dw_white": white(dw)}
+                          "dw_white": white(dw), "dw_exact": gram_embedding(delta_w_gram(split["tokens"], dm.schema))}
         return out
 
     LEGEND_GROUPS = 10  # the largest groups get a colour and a legend entry; the rest are grey
