@@ -10,6 +10,8 @@ the rest is residual:
   with weights σᵢ/‖σ‖ gives Pᵤᵀ ΔŴ Pᵥ (k×k), a learned bilinear read-out of ΔŴ. It depends on ΔW
   only, so it is unchanged by sign flips, rank order and rotations among repeated σ (the
   leftovers of docs/design.md §2), and Pᵤ, Pᵥ start orthonormal, so at k ≥ max(m, n) it keeps all of ΔŴ.
+  Where a module is wider than k, they start as the principal directions of the training split's updates
+  (`fit_projections`), which keep most of ΔŴ in k columns where random ones keep about k/m of it.
   σ also enters as log-scaled features: the update's size ‖ΔW‖ and its spectrum σᵢ/‖σ‖; so do a
   module's features (DoRA's magnitudes, w2t/canon/dora.py; zero for plain LoRA, so they add nothing there);
 * rank level (`rank_attention`, on by default): attention among a module's rank tokens, read through
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from w2t.canon.dora import MODULE_FEATURES
-from w2t.models.features import bilinear_readout, orthonormal
+from w2t.models.features import bilinear_readout, orthonormal, principal_projections
 from w2t.models.layers import SigmaFeatures, pool_modules
 from w2t.models.pretrained import Encoder
 from w2t.models.rank_tokens import RankAttention
@@ -47,6 +49,7 @@ class EncoderConfig:
     module_dropout: float = 0.15  # augmentation: drop whole modules while training
     sigma_features: bool = True  # log-scaled ‖ΔW‖ and σᵢ/‖σ‖ (mean over ranks) per module
     rank_attention: bool = True  # also read each module's rank tokens by attention (w2t/models/rank_tokens.py)
+    fit_projections: bool = True  # Pᵤ, Pᵥ start as the training split's principal directions, not at random
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -85,6 +88,15 @@ class W2TEncoder(Encoder):
                 nn.init.zeros_(block.linear2.weight)
         else:
             self.modules_tf = None
+
+    @torch.no_grad()
+    def fit_projections(self, tokens: Tokens) -> None:
+        """Start Pᵤ, Pᵥ as the principal directions of these (training) adapters' normalized updates."""
+        if not self.config.fit_projections:
+            return
+        for i, (Qu, Qv) in enumerate(principal_projections(tokens, self.schema, self.config.sketch_dim)):
+            self.P_u[i].copy_(Qu)
+            self.P_v[i].copy_(Qv)
 
     def _module_tokens(self, i: int, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of group i: (B, L, d) module tokens and (B, L) presence mask."""

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from w2t.data.tokens import TokenSchema
-from w2t.models.features import delta_w_features, delta_w_gram, gram_embedding, raw_features, sketch_features
+from w2t.models.features import (delta_w_features, delta_w_gram, fixed_projections, gram_embedding,
+                                 principal_projections, raw_features, sketch_features)
 from w2t.tasks.base import Task, mlp, register
 
 
@@ -30,6 +32,35 @@ class Standardize:
         return 0
 
 
+class ProjectedRead(nn.Module):
+    """The read a retrieval model blends with (and a warm start or the neighbourhood loss keeps): the normalized
+    `dw` features through projections per module type held as buffers, saved with the checkpoint and the exported
+    encoder. The fixed orthonormal ones of `dw` until `load` puts the training split's principal directions
+    (`principal_projections`: the `dw_fit` read) in their place."""
+
+    K = 48
+
+    def __init__(self, schema: TokenSchema):
+        super().__init__()
+        self.schema = schema
+        for i, g in enumerate(schema.groups):
+            for name, Q in zip(("Qu", "Qv"), fixed_projections(g, self.K, kind="orthonormal")):
+                self.register_buffer(f"{name}_{i}", Q.float())
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"Qu_{i}"), getattr(self, f"Qv_{i}")) for i in range(len(self.schema.groups))]
+
+    def load(self, projections: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for fitted, held in zip(projections, self.projections()):
+            for Q, buf in zip(fitted, held):
+                buf.copy_(Q)
+        self.fitted.fill_(True)
+
+    def forward(self, tokens) -> torch.Tensor:
+        return F.normalize(delta_w_features(tokens, self.schema, projections=self.projections()), dim=-1)
+
+
 @register
 class Retrieval(Task):
     """Supervised contrastive (InfoNCE) on groups; ranked by cosine of the projected embedding.
@@ -39,16 +70,17 @@ class Retrieval(Task):
     neighbourhood of normalized-ΔW cosines (softmax at `neighbourhood_temperature`) is what carries
     over to open-set retrieval (`experiment=retrieval_open`). 0: off.
 
-    `warm_start`: the embedding is the normalized `dw` features (the `dw` read) beside the head's projection,
-    which starts at zero: ranking starts as the `dw` cosine, and training adds what it learns to it.
-    `blend` (Task): after training, the cosine becomes (1 − λ)·the model's + λ·the `dw` read's, λ chosen on
-    validation.
+    The fixed read (`prior`, a `ProjectedRead`) is `dw_fit`: normalized ΔW through the training split's principal
+    directions, fitted when training starts (`fit_prior`). `warm_start`: the embedding is the read beside the
+    head's projection, which starts at zero: ranking starts as the read's cosine, and training adds what it
+    learns to it. `blend` (Task): after training, the cosine becomes (1 − λ)·the model's + λ·the read's, λ chosen
+    on validation.
     """
 
     name = "retrieval"
     columns = ("mrr", "hit@1", "hit@10", "ndcg@10", "map")
     primary = "mrr"
-    baselines = ("raw", "sketch", "dw", "dw_white", "dw_exact")
+    baselines = ("raw", "sketch", "dw", "dw_white", "dw_fit", "dw_exact")
     uses_gallery = True
     embeds = True
 
@@ -65,6 +97,7 @@ class Retrieval(Task):
         self.warm_start = warm_start
         self.temperature = temperature
         self.schema = TokenSchema.from_dict(info.schema)
+        self.prior = ProjectedRead(self.schema)
         self.neighbourhood_weight, self.neighbourhood_temperature = neighbourhood_weight, neighbourhood_temperature
         self.init_blend(blend)
 
@@ -75,8 +108,14 @@ class Retrieval(Task):
         return F.normalize(z, dim=-1)
 
     def read_outputs(self, tokens):
-        """The `dw` read: normalized ΔW features, whose cosines are the modules' mean normalized-ΔW cosines."""
-        return F.normalize(delta_w_features(tokens, self.schema), dim=-1)
+        """The fixed read: normalized ΔW features, whose cosines are the modules' mean normalized-ΔW cosines."""
+        return self.prior(tokens)
+
+    @torch.no_grad()
+    def fit_prior(self, dm) -> str:
+        """Put the training split's principal directions in the read (labels are not used)."""
+        self.prior.load(principal_projections(dm.whole_split("train")["tokens"], dm.schema, self.prior.K))
+        return "dw_fit"
 
     def mix(self, out, read, lam):
         """Both unit vectors side by side, scaled so that the cosine is (1 − λ)·model's + λ·read's."""
@@ -112,10 +151,13 @@ class Retrieval(Task):
 
     def baseline_outputs(self, dm, seed, stages):
         """Cosine ranking of fixed features: `raw`, `sketch` and `dw` fit nothing, so unseen groups are read
-        like seen ones; `dw_white` ranks `dw` after a whitening fitted on the training split (no labels);
-        `dw_exact` ranks by the exact cosine that `dw` sketches (vectors with the split's exact Gram matrix)."""
+        like seen ones; `dw_white` ranks `dw` after a whitening fitted on the training split (no labels), `dw_fit`
+        through the training split's principal directions (no labels: the read a model blends with); `dw_exact` ranks
+        by the exact cosine that `dw` sketches (vectors with the split's exact Gram matrix)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        white = whitening(delta_w_features(dm.whole_split("train")["tokens"], dm.schema, seed=seed))
+        train = dm.whole_split("train")["tokens"]
+        white = whitening(delta_w_features(train, dm.schema, seed=seed))
+        principal = principal_projections(train, dm.schema, ProjectedRead.K)
         raw_of: dict[int, torch.Tensor] = {}  # the gallery is in every stage's items: read each file once
         for stage in stages:
             split = dm.whole_split(stage)
@@ -125,7 +167,9 @@ class Retrieval(Task):
             raw = torch.stack([raw_of[i] for i in split["index"].tolist()])
             dw = delta_w_features(split["tokens"], dm.schema, seed=seed)
             out[stage] = {"raw": raw, "sketch": sketch_features(split["tokens"], dm.schema, seed=seed), "dw": dw,
-                          "dw_white": white(dw), "dw_exact": gram_embedding(delta_w_gram(split["tokens"], dm.schema))}
+                          "dw_white": white(dw),
+                          "dw_fit": delta_w_features(split["tokens"], dm.schema, projections=principal),
+                          "dw_exact": gram_embedding(delta_w_gram(split["tokens"], dm.schema))}
         return out
 
     LEGEND_GROUPS = 10  # the largest groups get a colour and a legend entry; the rest are grey

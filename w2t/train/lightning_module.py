@@ -46,6 +46,7 @@ class AdapterModel(L.LightningModule):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
         self.encoder = self._build_encoder(TokenSchema.from_dict(info["schema"]), arch, encoder or {}, pretrained)
+        self.new_encoder = not pretrained  # its initialisation may be fitted to the training split (on_fit_start)
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.task = TASKS[task](self.encoder.dim, DataInfo(**info), **(head or {}))
@@ -99,6 +100,9 @@ class AdapterModel(L.LightningModule):
         return self.task.model_outputs(self.encoder(tokens), tokens)
 
     def on_fit_start(self):
+        fit = getattr(self.encoder, "fit_projections", None)
+        if fit is not None and self.trainer.ckpt_path is None and self.new_encoder:
+            fit(self.trainer.datamodule.whole_split("train")["tokens"])  # a resumed or pretrained encoder keeps its own
         prior = getattr(self.task, "prior", None)
         if prior is not None and not bool(prior.fitted):  # a resumed run keeps the prior it started from
             log.info("prior (warm start, blend): the %s read fitted on the training split",
