@@ -14,7 +14,8 @@ items), OUT/compare.json (every run's metrics and those differences) and OUT/com
 metric per experiment). A model whose outputs are blended with a fixed read (task.head.blend, the default)
 gets a second row, `<model> (unblended)`: the same runs scored on the trained model's outputs alone; a
 model name ending in `-no-blend` runs without the blend. One comparison reads one collection; run it once
-per collection (`data=...`).
+per collection (`data=...`). `--update` keeps the runs of OUT/compare.json that this invocation does not make
+(other models or experiments, run at the commit recorded for each in `sources`) and writes them beside the new ones.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ ABLATIONS = {
     "w2t+warm-start": ["model=w2t", "task.head.warm_start=true"],  # start as the best linear read, add to it
     "w2t-no-rank-attention": ["model=w2t", "model.encoder.rank_attention=false"],  # the read-out of ΔW without it
     "w2t+mixup": ["model=w2t", "task.head.mixup=0.4"],  # weight-space mixup of the training adapters and their labels
+    "w2t-random-projections": ["model=w2t", "model.encoder.fit_projections=false"],  # Pᵤ, Pᵥ start random
 }
 ONLY_FOR = {"w2t+neighbourhood": {"retrieval"}, "w2t+mixup": {"classification"}}  # ablations of one task's head: run for that task alone
 NO_BLEND = "-no-blend"  # after any model or ablation name: its outputs not blended with the fixed read (task.head.blend)
@@ -133,6 +135,33 @@ def with_unblended(results: dict) -> dict:
     return out
 
 
+def trained_models(record: dict) -> dict[str, list[str]]:
+    """`{experiment: [model, ...]}` of a compare.json's runs, in the order they were first written."""
+    out: dict[str, list[str]] = {}
+    for key in record["runs"]:
+        experiment, model, _ = key.rsplit("/", 2)
+        if model not in out.setdefault(experiment, []):
+            out[experiment].append(model)
+    return out
+
+
+def merged(old: dict, new: dict) -> dict:
+    """`new` (a compare.json record) with the runs of `old` it does not replace: same seeds and overrides only.
+    A kept run keeps the git state it was made at (`sources`; a file without it made all its runs at its `git`)."""
+    for key in ("seeds", "overrides", "extra"):
+        if old.get(key) != new[key]:
+            raise SystemExit(f"--update: compare.json has {key} {old.get(key)!r}, this comparison {new[key]!r}")
+    replaced = set(new["sources"])
+    keep = {k: v for k, v in old["runs"].items() if k.rsplit("/", 1)[0] not in replaced}
+    sources = {k: v for k, v in old.get("sources", {}).items() if k not in replaced}
+    sources |= {k.rsplit("/", 1)[0]: old["git"] for k in keep if k.rsplit("/", 1)[0] not in sources}
+    diffs = {e: {m: d for m, d in by_model.items() if f"{e}/{m.removesuffix(UNBLENDED)}" not in replaced}
+             for e, by_model in old.get("vs_best_baseline", {}).items()}
+    for e, by_model in new["vs_best_baseline"].items():
+        diffs.setdefault(e, {}).update(by_model)
+    return new | {"runs": new["runs"] | keep, "sources": sources | new["sources"], "vs_best_baseline": diffs}
+
+
 def paired_difference(runs: list[dict], run_dirs: list[Path], task, n_boot: int = 2000, seed: int = 0,
                       source: str = "model") -> dict:
     """The main metric of the model (its items `source`: `model`, or `unblended`) minus that of the best simple
@@ -158,15 +187,22 @@ def paired_difference(runs: list[dict], run_dirs: list[Path], task, n_boot: int 
     return {"diff": float(point), "ci": [float(lo), float(hi)]}
 
 
+def scored_most(by_model: dict) -> list[dict]:
+    """The runs that scored the most simple reads (runs of an older commit may lack newer reads): the baseline rows."""
+    return max(by_model.values(), key=lambda runs: sum(k.startswith("test/baseline_") for k in runs[0]))
+
+
 def _cell(values: list[float]) -> str:
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
 
 
-def report(results: dict, out: Path, seeds: list[int], header: str, diffs: dict | None = None) -> str:
+def report(results: dict, out: Path, seeds: list[int], header: str, diffs: dict | None = None,
+           sources: dict | None = None) -> str:
     """Markdown tables (one per experiment) and a bar chart of each experiment's main metric.
 
-    `diffs[experiment][model]`: `paired_difference`, shown as the last column."""
+    `diffs[experiment][model]`: `paired_difference`, shown as the last column; `sources["experiment/model"]`: the
+    git state its runs were made at, shown when the runs of one table come from several commits."""
     lines = [header, ""]
     diffs = diffs or {}
     for experiment, by_model in results.items():
@@ -177,7 +213,11 @@ def report(results: dict, out: Path, seeds: list[int], header: str, diffs: dict 
                   "| model | " + " | ".join(keys) + " | params | train adapters/s | Δ [95% CI] |",
                   "|---" * (len(keys) + 4) + "|"]
         rows = dict(by_model)
-        first = next(iter(by_model.values()))
+        commits = {m: (sources or {}).get(f"{experiment}/{m.removesuffix(UNBLENDED)}", {}).get("commit") for m in rows}
+        if len(set(commits.values())) > 1:  # say which commit made which rows
+            lines[-2:-2] = [f"Runs of {experiment} from several commits: " + "; ".join(
+                f"{m} at {(c or '?')[:7]}" for m, c in commits.items() if not m.endswith(UNBLENDED)) + ".", ""]
+        first = scored_most(by_model)
         for b in task.baselines:  # the simple reads every run also scores (docs/design.md §5)
             if f"test/baseline_{b}/{keys[0]}" in first[0]:
                 rows[f"baseline: {b}"] = [{f"test/{k}": m[f"test/baseline_{b}/{k}"] for k in keys} for m in first]
@@ -216,7 +256,7 @@ def _plot(results: dict, path: Path) -> dict[str, tuple[str, float]]:
     for ax, (experiment, by_model) in zip(axes[0], results.items()):
         task = TASKS[EXPERIMENTS.get(experiment, experiment)]
         k = task.primary
-        first = next(iter(by_model.values()))
+        first = scored_most(by_model)
         found = [b for b in task.baselines if f"test/baseline_{b}/{k}" in first[0]]
         names = list(by_model) + [f"baseline: {b}" for b in found]
         vals = [[m[f"test/{k}"] for m in ms] for ms in by_model.values()]
@@ -248,6 +288,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets cores/jobs threads)")
     ap.add_argument("--out", default="results/compare/digits")
     ap.add_argument("--extra", action="append", default=[], metavar="EXPERIMENT=OVERRIDE")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other experiments' and models' runs of OUT/compare.json (same seeds and overrides)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
 
@@ -272,18 +314,23 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {j: pool.submit(run_one, *j, out, args.overrides + extra.get(j[0], []), threads) for j in jobs}
         metrics = {j: f.result() for j, f in futures.items()}
-    results = with_unblended({e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]}
-                              for e in args.experiments})
+    results = {e: {m: [metrics[(e, m, s)] for s in args.seeds] for m in runs_for[e]} for e in args.experiments}
     diffs = {e: {m: paired_difference(ms, [out / e / m.removesuffix(UNBLENDED) / f"seed_{s}" for s in args.seeds],
                                       TASKS[EXPERIMENTS[e]], source="unblended" if m.endswith(UNBLENDED) else "model")
-                 for m, ms in by_model.items()} for e, by_model in results.items()}
-    (out / "compare.json").write_text(json.dumps(
-        {"git": git_state(), "overrides": args.overrides, "extra": extra, "seeds": args.seeds,
-         "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()},
-         "vs_best_baseline": diffs}, indent=1, sort_keys=True))
+                 for m, ms in by_model.items()} for e, by_model in with_unblended(results).items()}
+    state = git_state()
+    record = {"git": state, "overrides": args.overrides, "extra": extra, "seeds": args.seeds,
+              "runs": {f"{e}/{m}/seed_{s}": v for (e, m, s), v in metrics.items()}, "vs_best_baseline": diffs,
+              "sources": {f"{e}/{m}": state for e in args.experiments for m in runs_for[e]}}
+    if args.update and (out / "compare.json").exists():
+        record = merged(json.loads((out / "compare.json").read_text()), record)
+        results = {e: {m: [record["runs"][f"{e}/{m}/seed_{s}"] for s in args.seeds] for m in models_of}
+                   for e, models_of in trained_models(record).items()}
+    (out / "compare.json").write_text(json.dumps(record, indent=1, sort_keys=True))
     command = "python scripts/compare.py " + " ".join(sys.argv[1:])
     took = f"{len(jobs)} runs; {pending} run now in {time.perf_counter() - start:.0f} s, the rest reused"
-    print(report(results, out, args.seeds, f"`{command}` ({took})", diffs))
+    print(report(with_unblended(results), out, args.seeds, f"`{command}` ({took})", record["vs_best_baseline"],
+                 record["sources"]))
 
 
 if __name__ == "__main__":

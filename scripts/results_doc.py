@@ -37,16 +37,17 @@ def render(results: Path) -> str:
 
 
 def summary(results: Path) -> str:
-    """One row per collection × experiment × model: its main metric, the best simple read's (chosen on
-    validation per seed), their difference with its paired bootstrap CI, and who wins."""
+    """One row per collection × experiment × model: the commit its runs were made at, its main metric, the best
+    simple read's (chosen on validation per seed, among the reads its runs scored), their difference with its
+    paired bootstrap CI, and who wins."""
     import sys
 
     sys.path.insert(0, str(ROOT))
     from scripts.compare import EXPERIMENTS, UNBLENDED, with_unblended
     from w2t.tasks import TASKS
 
-    rows = ["| collection | experiment | model | main metric | best baseline's | Δ [95% CI] | verdict |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| collection | experiment | model | commit | main metric | best baseline's | Δ [95% CI] | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
     for path in sorted(results.glob("*/compare.json")):
         data = json.loads(path.read_text())
         diffs = data.get("vs_best_baseline", {})
@@ -62,7 +63,9 @@ def summary(results: Path) -> str:
                 base = [m[f"test/baseline_{task.best_baseline(m)}/{k}"] for m in runs]
                 lo, hi = d["ci"]
                 verdict = "model wins" if lo > 0 else "baseline wins" if hi < 0 else "no clear difference"
-                rows.append(f"| {path.parent.name} | {experiment} | {model} | {_cell(ours)} | {_cell(base)} | "
+                made = data.get("sources", {}).get(f"{experiment}/{model.removesuffix(UNBLENDED)}", data["git"])
+                rows.append(f"| {path.parent.name} | {experiment} | {model} | {(made['commit'] or '?')[:7]} | "
+                            f"{_cell(ours)} | {_cell(base)} | "
                             f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
     return "\n".join(rows)
 

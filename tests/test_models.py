@@ -97,3 +97,27 @@ def test_paper_model_reads_one_sequence_of_rank_tokens_with_either_projection(ti
     assert sizes["position"] == sizes["type"] * dm.schema.groups[0].num_layers
     with pytest.raises(ValueError, match="projections"):
         PaperConfig(projections="module")
+
+
+@pytest.mark.parametrize("fit", (True, False))
+def test_w2t_starts_from_the_training_splits_principal_directions(fit, tiny_collection, tmp_path):
+    """Training starts with Pᵤ, Pᵥ and the retrieval read's projections at the principal directions of the
+    training split (`fit_projections`); with the option off, Pᵤ, Pᵥ keep their random start. lr = 0: what the
+    first step sees is what on_fit_start put there."""
+    from w2t.models.features import principal_projections
+
+    cfg = make_cfg(["experiment=retrieval", "model=w2t", "model.lr=0", f"model.encoder.fit_projections={fit}",
+                    *fast(tiny_collection, tmp_path)], tmp_path)
+    L.seed_everything(0)
+    dm, model = setup_run(cfg)
+    random_start = [p.detach().clone() for p in model.encoder.P_u]
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0).fit(model, datamodule=dm)
+    principal = principal_projections(dm.whole_split("train")["tokens"], dm.schema, 48)
+    for i, (Qu, Qv) in enumerate(principal):
+        assert torch.allclose(model.task.prior.projections()[i][0], Qu.float(), atol=1e-6)  # the read: always fitted
+        want = Qu.float() if fit else random_start[i]
+        assert torch.allclose(model.encoder.P_u[i].detach(), want, atol=1e-6)
+        assert not torch.allclose(model.encoder.P_u[i].detach(), random_start[i] if fit else Qu.float(), atol=1e-3)
+        if fit:
+            assert torch.allclose(model.encoder.P_v[i].detach(), Qv.float(), atol=1e-6)

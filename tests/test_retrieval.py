@@ -171,6 +171,29 @@ def test_delta_w_baseline_is_the_cosine_of_normalized_updates(tiny_split):
     assert torch.allclose(emb @ emb.T, gram, atol=1e-5)
 
 
+def test_principal_projections_keep_the_updates_they_were_fitted_on(tiny_split):
+    """Fitted on one adapter, k = rank × layers principal directions per side span every rank component of it, so
+    the `dw_fit` features keep its updates exactly (its inner products with any adapter are the exact cosines)
+    where the same number of random columns does not."""
+    from w2t.models.features import fixed_projections, principal_projections
+
+    dm, batch = tiny_split
+    one = {name: {key: x[:1] for key, x in t.items()} for name, t in batch["tokens"].items()}
+    k = max(g.max_rank * g.num_layers for g in dm.schema.groups)
+    assert any(k < min(g.m, g.n) for g in dm.schema.groups)  # narrower than some module: random columns sketch it
+    fitted = principal_projections(one, dm.schema, k)
+    for g, (Qu, Qv) in zip(dm.schema.groups, fitted):
+        assert Qu.shape == (g.m, min(k, g.m)) and Qv.shape == (g.n, min(k, g.n))
+        assert torch.allclose(Qu.T @ Qu, torch.eye(Qu.shape[1], dtype=Qu.dtype), atol=1e-8)
+    exact = delta_w_features(batch["tokens"], dm.schema, k=max(max(g.m, g.n) for g in dm.schema.groups)).double()
+    feats = delta_w_features(batch["tokens"], dm.schema, projections=fitted).double()
+    assert torch.allclose(feats[:1] @ feats.T, exact[:1] @ exact.T, atol=1e-6)
+    assert not torch.allclose(feats[1:] @ feats[1:].T, exact[1:] @ exact[1:].T, atol=1e-2)  # the others: projected
+    random = [fixed_projections(g, k, kind="orthonormal") for g in dm.schema.groups]
+    sketch = delta_w_features(batch["tokens"], dm.schema, projections=random).double()
+    assert not torch.allclose(sketch[:1] @ sketch.T, exact[:1] @ exact.T, atol=1e-2)
+
+
 def test_neighbourhood_loss_is_zero_on_the_teacher_geometry_and_grows_away_from_it():
     gen = torch.Generator().manual_seed(0)
     teacher = torch.randn(12, 20, generator=gen, dtype=torch.float64)

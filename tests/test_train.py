@@ -36,7 +36,7 @@ CONTRACT_KEYS = {
                     "test/baseline_dw/spearman", "val/spearman", "val/baseline_sketch/spearman"],
     "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
                   "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "test/baseline_dw/mrr", "test/baseline_dw_white/mrr",
-                  "test/baseline_dw_exact/mrr",
+                  "test/baseline_dw_fit/mrr", "test/baseline_dw_exact/mrr",
                   "val/mrr", "val/baseline_sketch/mrr"],
 }
 
@@ -411,6 +411,32 @@ def test_compare_report_marks_the_best_and_draws_the_best_baseline(tmp_path):
     assert compare._plot({"classification": {"w2t": runs}}, tmp_path / "again.png") == {"classification": ("dw", 0.72)}
     state = compare.git_state()  # recorded in compare.json
     assert len(state["commit"]) == 40 and isinstance(state["dirty"], bool)
+
+
+def test_compare_update_keeps_the_runs_it_does_not_make_with_the_commit_that_made_them(tmp_path):
+    compare = runpy_module("scripts/compare.py")
+    old_git, new_git = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": False}
+    run = lambda acc, baselines: {"test/acc": acc, "test/macro_f1": acc, "test/auroc": acc, "params": 1.0,  # noqa: E731
+                                  "train_adapters_per_s": 1.0} | {f"test/baseline_{b}/{k}": 0.5 for b in baselines
+                                                                    for k in ("acc", "macro_f1", "auroc")}
+    common = {"seeds": [0], "overrides": ["data=x"], "extra": {}}
+    old = common | {"git": old_git, "runs": {"classification/w2t/seed_0": run(0.6, ["dw"]),
+                                            "classification/glnet/seed_0": run(0.7, ["dw"])},
+                    "vs_best_baseline": {"classification": {"w2t": {"diff": 0.1}, "glnet": {"diff": 0.2}}}}
+    new = common | {"git": new_git, "runs": {"classification/w2t/seed_0": run(0.8, ["dw", "spectrum"])},
+                    "vs_best_baseline": {"classification": {"w2t": {"diff": 0.3}}},
+                    "sources": {"classification/w2t": new_git}}
+    got = compare.merged(old, new)
+    assert got["runs"]["classification/w2t/seed_0"]["test/acc"] == 0.8  # replaced
+    assert got["runs"]["classification/glnet/seed_0"]["test/acc"] == 0.7  # kept, with the commit that made it
+    assert got["sources"] == {"classification/w2t": new_git, "classification/glnet": old_git}
+    assert got["vs_best_baseline"]["classification"] == {"w2t": {"diff": 0.3}, "glnet": {"diff": 0.2}}
+    assert compare.trained_models(got) == {"classification": ["w2t", "glnet"]}
+    results = {"classification": {m: [got["runs"][f"classification/{m}/seed_0"]] for m in ("glnet", "w2t")}}
+    text = compare.report(results, tmp_path, [0], "header", sources=got["sources"])
+    assert "glnet at aaaaaaa; w2t at bbbbbbb" in text and "| baseline: spectrum |" in text  # rows of the newest runs
+    with pytest.raises(SystemExit, match="seeds"):
+        compare.merged(old | {"seeds": [0, 1]}, new)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
