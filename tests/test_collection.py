@@ -256,13 +256,16 @@ def test_building_for_a_run_leaves_the_global_rng_alone(tmp_path):
 
 
 def test_the_tiny_collection_builds_to_the_committed_bytes(tiny_collection):
-    """One thread and deterministic kernels in the builder: the same bytes as the build these hashes were
-    taken from (torch 2.13.0, x86_64). A failure means the default collections, and with them every
-    figure measured on them, differ on this machine."""
+    """One thread and deterministic kernels in the builder: the same bytes as one of the recorded builds
+    (torch 2.13.0 on x86_64 machines whose CPUs run other float kernels give other bytes). A failure means the
+    default collections, and with them every figure measured on them, differ on this machine: record its build
+    only once the difference is understood."""
     from w2t.zoo.builder import manifest_hash
 
-    ref = json.loads((Path(__file__).parent / "data" / "digits_tiny_hashes.json").read_text())
-    got = {f: hashlib.sha256((tiny_collection / f).read_bytes()).hexdigest() for f in ref["files"]}
-    assert got == ref["files"]
-    assert manifest_hash(tiny_collection) == ref["manifest"]
-    assert json.loads((tiny_collection / "recipe.json").read_text())["manifest"] == ref["manifest"]
+    builds = json.loads((Path(__file__).parent / "data" / "digits_tiny_hashes.json").read_text())["builds"]
+    manifest = manifest_hash(tiny_collection)
+    match = [b for b in builds if b["manifest"] == manifest]
+    assert match, f"manifest {manifest} is none of the recorded builds {[b['manifest'] for b in builds]}"
+    got = {f: hashlib.sha256((tiny_collection / f).read_bytes()).hexdigest() for f in match[0]["files"]}
+    assert got == match[0]["files"]
+    assert json.loads((tiny_collection / "recipe.json").read_text())["manifest"] == manifest

@@ -99,13 +99,16 @@ def test_adapters_do_what_their_metadata_says(built):
 
 def test_build_is_deterministic_and_matches_the_committed_bytes(built, tmp_path):
     """One thread and deterministic kernels: a second build with one worker gives the same manifest, and both
-    the bytes these hashes were taken from (torch 2.13.0, x86_64)."""
-    ref = json.loads((Path(__file__).parent / "data" / "digits_cnn_tiny_hashes.json").read_text())
+    the bytes of one of the recorded builds (torch 2.13.0 on x86_64 CPUs that run other float kernels differ)."""
+    builds = json.loads((Path(__file__).parent / "data" / "digits_cnn_tiny_hashes.json").read_text())["builds"]
     again = ensure_collection(TINY, tmp_path, workers=1)
-    assert manifest_hash(again) == manifest_hash(built) == ref["manifest"]
-    assert json.loads((built / "recipe.json").read_text())["manifest"] == ref["manifest"]
-    got = {f: hashlib.sha256((built / f).read_bytes()).hexdigest() for f in ref["files"]}
-    assert got == ref["files"]
+    manifest = manifest_hash(built)
+    assert manifest_hash(again) == manifest
+    match = [b for b in builds if b["manifest"] == manifest]
+    assert match, f"manifest {manifest} is none of the recorded builds {[b['manifest'] for b in builds]}"
+    assert json.loads((built / "recipe.json").read_text())["manifest"] == manifest
+    got = {f: hashlib.sha256((built / f).read_bytes()).hexdigest() for f in match[0]["files"]}
+    assert got == match[0]["files"]
 
 
 def test_full_recipe_plan():
