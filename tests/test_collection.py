@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from collections import Counter
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_a_recorded_build
 from w2t.data.collection import Collection, read_metadata
 from w2t.zoo import ensure_collection, make_recipe
 from w2t.zoo import digits
@@ -260,12 +260,4 @@ def test_the_tiny_collection_builds_to_the_committed_bytes(tiny_collection):
     (torch 2.13.0 on x86_64 machines whose CPUs run other float kernels give other bytes). A failure means the
     default collections, and with them every figure measured on them, differ on this machine: record its build
     only once the difference is understood."""
-    from w2t.zoo.builder import manifest_hash
-
-    builds = json.loads((Path(__file__).parent / "data" / "digits_tiny_hashes.json").read_text())["builds"]
-    manifest = manifest_hash(tiny_collection)
-    match = [b for b in builds if b["manifest"] == manifest]
-    assert match, f"manifest {manifest} is none of the recorded builds {[b['manifest'] for b in builds]}"
-    got = {f: hashlib.sha256((tiny_collection / f).read_bytes()).hexdigest() for f in match[0]["files"]}
-    assert got == match[0]["files"]
-    assert json.loads((tiny_collection / "recipe.json").read_text())["manifest"] == manifest
+    assert_a_recorded_build(tiny_collection, "digits_tiny_hashes.json")

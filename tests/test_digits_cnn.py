@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from collections import Counter
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_a_recorded_build
 from w2t.data.collection import read_metadata
 from w2t.zoo import ensure_collection, make_recipe
 from w2t.zoo.builder import manifest_hash
@@ -100,15 +100,9 @@ def test_adapters_do_what_their_metadata_says(built):
 def test_build_is_deterministic_and_matches_the_committed_bytes(built, tmp_path):
     """One thread and deterministic kernels: a second build with one worker gives the same manifest, and both
     the bytes of one of the recorded builds (torch 2.13.0 on x86_64 CPUs that run other float kernels differ)."""
-    builds = json.loads((Path(__file__).parent / "data" / "digits_cnn_tiny_hashes.json").read_text())["builds"]
     again = ensure_collection(TINY, tmp_path, workers=1)
-    manifest = manifest_hash(built)
-    assert manifest_hash(again) == manifest
-    match = [b for b in builds if b["manifest"] == manifest]
-    assert match, f"manifest {manifest} is none of the recorded builds {[b['manifest'] for b in builds]}"
-    assert json.loads((built / "recipe.json").read_text())["manifest"] == manifest
-    got = {f: hashlib.sha256((built / f).read_bytes()).hexdigest() for f in match[0]["files"]}
-    assert got == match[0]["files"]
+    assert manifest_hash(again) == manifest_hash(built)
+    assert_a_recorded_build(built, "digits_cnn_tiny_hashes.json")
 
 
 def test_full_recipe_plan():
