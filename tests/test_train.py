@@ -31,9 +31,10 @@ EXPERIMENTS = ("classification", "performance", "retrieval")
 CONTRACT_KEYS = {
     "classification": ["test/acc", "test/macro_f1", "test/auroc", "test/baseline_sketch/acc",
                        "test/baseline_spectrum/acc", "test/baseline_dw+spectrum/acc",
-                       "test/baseline_dw/acc", "val/acc", "val/baseline_sketch/acc"],
+                       "test/baseline_dw/acc", "test/baseline_dw_fit/acc", "test/baseline_dw_fit+spectrum/acc",
+                       "val/acc", "val/baseline_sketch/acc"],
     "performance": ["test/r2", "test/spearman", "test/kendall", "test/mae", "test/baseline_sketch/spearman",
-                    "test/baseline_dw/spearman", "val/spearman", "val/baseline_sketch/spearman"],
+                    "test/baseline_dw/spearman", "test/baseline_dw_fit+spectrum/spearman", "val/spearman", "val/baseline_sketch/spearman"],
     "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
                   "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "test/baseline_dw/mrr", "test/baseline_dw_white/mrr",
                   "test/baseline_dw_fit/mrr", "test/baseline_dw_exact/mrr",
@@ -463,6 +464,33 @@ def test_a_warm_started_model_starts_as_the_best_linear_read(experiment, tiny_co
         model.task.head[-1].weight.add_(torch.randn_like(model.task.head[-1].weight))
     moved = task.evaluate(model(split["tokens"]).float(), split)
     assert any(moved[k] != pytest.approx(scores[k], abs=1e-6) for k in task.columns)
+
+
+@pytest.mark.parametrize("experiment", ["classification", "performance"])
+def test_every_prior_read_scores_as_its_baseline_the_principal_ones_through_their_projections(
+        experiment, tiny_collection, tmp_path, monkeypatch):
+    """Whichever read validation picks, the fitted prior reads exactly as the baseline of that name: `dw_fit`
+    through the training split's principal directions, kept in the prior's buffers; a prior that keeps its
+    fixed projections breaks the `dw_fit` reads."""
+    from w2t.tasks.base import Projections
+    from w2t.train.run import setup_run
+
+    dm, model = setup_run(make_cfg([f"experiment={experiment}", *fast(tiny_collection, tmp_path)], tmp_path / "run"))
+    task, test = model.task, dm.whole_split("test")
+    baseline = task.baseline_metrics(dm, 0, ("test",))
+
+    def read_score(read: str) -> float:
+        monkeypatch.setattr(type(task), "PRIOR_READS", (read,))
+        assert task.fit_prior(dm) == read
+        return task.evaluate(task.read_outputs(test["tokens"]), test)[task.primary]
+
+    for read in ("dw", "spectrum", "dw+spectrum", "dw_fit", "dw_fit+spectrum"):
+        assert read_score(read) == pytest.approx(baseline[f"test/baseline_{read}/{task.primary}"], abs=1e-5), read
+    assert bool(task.prior_projections.fitted)
+    fresh = Projections(task.schema)
+    monkeypatch.setattr(Projections, "load", lambda self, projections: None)  # the broken variant
+    task.prior_projections.load_state_dict(fresh.state_dict())
+    assert read_score("dw_fit") != pytest.approx(baseline[f"test/baseline_dw_fit/{task.primary}"], abs=1e-5)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -16,7 +16,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
-from w2t.models.features import delta_w_features, sketch_features, spectral_features
+from w2t.models.features import (delta_w_features, fixed_projections, principal_projections, sketch_features,
+                                 spectral_features)
 
 ESTIMATORS = ("linear", "knn")
 
@@ -33,6 +34,31 @@ def mlp(d_in: int, d_out: int, hidden: int, dropout: float, zero_out: bool = Fal
         nn.init.zeros_(head[-1].weight)
         nn.init.zeros_(head[-1].bias)
     return head
+
+
+class Projections(nn.Module):
+    """The (Qᵤ, Qᵥ) per module type that a fixed read sees ΔW through, held as buffers so that they are saved with
+    the checkpoint and the exported encoder: the fixed orthonormal ones of `dw` (seed 0) until `load` puts the
+    training split's principal directions (`principal_projections`: the `dw_fit` reads) in their place."""
+
+    K = 48
+
+    def __init__(self, schema: TokenSchema):
+        super().__init__()
+        self.schema = schema
+        for i, g in enumerate(schema.groups):
+            for name, Q in zip(("Qu", "Qv"), fixed_projections(g, self.K, kind="orthonormal")):
+                self.register_buffer(f"{name}_{i}", Q.float())
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"Qu_{i}"), getattr(self, f"Qv_{i}")) for i in range(len(self.schema.groups))]
+
+    def load(self, projections: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for fitted, held in zip(projections, self.projections()):
+            for Q, buf in zip(fitted, held):
+                buf.copy_(Q)
+        self.fitted.fill_(True)
 
 
 class LinearPrior(nn.Module):
@@ -204,35 +230,41 @@ class FittedRead:
 class PredictionTask(Task):
     """A task with targets: its simple reads are a linear model (logistic / ridge) on fixed features."""
 
-    baselines = ("sketch", "dw", "spectrum", "dw+spectrum")
+    baselines = ("sketch", "dw", "spectrum", "dw+spectrum", "dw_fit", "dw_fit+spectrum")
 
-    # the reads a warm-started model may start from: column blocks of `dw+spectrum`, chosen on validation
-    PRIOR_READS = ("dw", "spectrum", "dw+spectrum")
+    # the reads a warm-started model may start from and a blend mixes with, chosen on validation
+    PRIOR_READS = ("dw", "spectrum", "dw+spectrum", "dw_fit", "dw_fit+spectrum")
 
     @staticmethod
-    def features(tokens, schema, seed: int, sketch: bool = True) -> dict[str, torch.Tensor]:
+    def features(tokens, schema, seed: int, sketch: bool = True,
+                 principal: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """(B, F) features of every simple read, each computed once: `spectrum` is blind to the singular
-        vectors, `dw` reads ΔW/‖ΔW‖ (and log‖ΔW‖), `dw+spectrum` is both side by side."""
-        dw = delta_w_features(tokens, schema, seed=seed, norms=True).double()
+        vectors, `dw` reads ΔW/‖ΔW‖ (and log‖ΔW‖) through fixed projections, `dw_fit` through the training split's
+        `principal` directions (when given), `a+b` is both side by side."""
         spectrum = spectral_features(tokens, schema)
-        out = {"dw": dw, "spectrum": spectrum, "dw+spectrum": torch.cat([dw, spectrum], 1)}
+        reads = {"dw": delta_w_features(tokens, schema, seed=seed, norms=True).double()}
+        if principal is not None:
+            reads["dw_fit"] = delta_w_features(tokens, schema, norms=True, projections=principal).double()
+        out = {"spectrum": spectrum} | reads | {f"{k}+spectrum": torch.cat([v, spectrum], 1) for k, v in reads.items()}
         return out | {"sketch": sketch_features(tokens, schema, seed=seed)} if sketch else out
 
     def init_prior(self, info, d_out: int, warm_start: bool, blend: bool) -> None:
-        """The `LinearPrior` on `dw+spectrum` that a warm start adds the head to (the head must start at 0) and
-        a blend mixes with: the best linear read on validation."""
+        """The `LinearPrior` on `dw+spectrum` (its `dw` through `prior_projections`) that a warm start adds the
+        head to (the head must start at 0) and a blend mixes with: the best linear read on validation."""
         self.schema = TokenSchema.from_dict(info.schema)
         self.warm_start = warm_start
         self.init_blend(blend)
         if warm_start or blend:  # the features' width, from an adapter with no module
             empty = collate_tokens([tokenize([], self.schema)[0]])
             self.prior = LinearPrior(self.features(empty, self.schema, 0, sketch=False)["dw+spectrum"].shape[1], d_out)
+            self.prior_projections = Projections(self.schema)
         else:
             self.prior = None
 
     def read_outputs(self, tokens) -> torch.Tensor:
         """The prior's outputs, in the units of `outputs`."""
-        return self.prior(self.features(tokens, self.schema, 0, sketch=False)["dw+spectrum"]).float()
+        dw = delta_w_features(tokens, self.schema, norms=True, projections=self.prior_projections.projections())
+        return self.prior(torch.cat([dw.double(), spectral_features(tokens, self.schema)], 1)).float()
 
     def prior_outputs(self, tokens) -> torch.Tensor | float:
         """What a warm start adds to the head (0 without one)."""
@@ -240,14 +272,19 @@ class PredictionTask(Task):
 
     @torch.no_grad()
     def fit_prior(self, dm) -> str:
-        """Fit every read of `PRIOR_READS` on the training split, load the best on validation into the prior."""
+        """Fit every read of `PRIOR_READS` on the training split, load the best on validation into the prior (and,
+        for a `dw_fit` read, the principal directions into `prior_projections`)."""
         train, val = dm.whole_split("train"), dm.whole_split("val")
-        X_train, X_val = (self.features(s["tokens"], dm.schema, 0, sketch=False) for s in (train, val))
+        principal = principal_projections(train["tokens"], dm.schema, Projections.K)
+        X_train, X_val = (self.features(s["tokens"], dm.schema, 0, sketch=False, principal=principal)
+                          for s in (train, val))
         reads = {name: self.fit_read(X_train[name].numpy(), train) for name in self.PRIOR_READS}
         scores = {name: self.evaluate(read(X_val[name].numpy()), val)[self.primary] for name, read in reads.items()}
         best = max(self.PRIOR_READS, key=lambda name: (scores[name], -self.PRIOR_READS.index(name)))
         n_dw = X_train["dw"].shape[1]
-        columns = {"dw": slice(0, n_dw), "spectrum": slice(n_dw, None), "dw+spectrum": slice(None)}[best]
+        columns = slice(n_dw, None) if best == "spectrum" else slice(None) if "+" in best else slice(0, n_dw)
+        if best.startswith("dw_fit"):
+            self.prior_projections.load(principal)
         scaler, est = reads[best].est[0], reads[best].est[-1]
         self.prior.load(columns, scaler.mean_, scaler.scale_, *self.linear_coefficients(est))
         return best
@@ -272,7 +309,9 @@ class PredictionTask(Task):
 
     def baseline_outputs(self, dm, seed, stages):
         train = dm.whole_split("train")
-        X_train = self.features(train["tokens"], dm.schema, seed)
-        X = {stage: self.features(dm.whole_split(stage)["tokens"], dm.schema, seed) for stage in stages}
+        principal = principal_projections(train["tokens"], dm.schema, Projections.K)
+        X_train = self.features(train["tokens"], dm.schema, seed, principal=principal)
+        X = {stage: self.features(dm.whole_split(stage)["tokens"], dm.schema, seed, principal=principal)
+             for stage in stages}
         reads = {name: self.fit_read(X_train[name].numpy(), train, seed=seed) for name in self.baselines}
         return {stage: {name: read(X[stage][name].numpy()) for name, read in reads.items()} for stage in stages}

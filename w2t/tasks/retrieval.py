@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from w2t.data.tokens import TokenSchema
-from w2t.models.features import (delta_w_features, delta_w_gram, fixed_projections, gram_embedding,
-                                 principal_projections, raw_features, sketch_features)
-from w2t.tasks.base import Task, mlp, register
+from w2t.models.features import (delta_w_features, delta_w_gram, gram_embedding, principal_projections,
+                                 raw_features, sketch_features)
+from w2t.tasks.base import Projections, Task, mlp, register
 
 
 @dataclass
@@ -32,30 +32,9 @@ class Standardize:
         return 0
 
 
-class ProjectedRead(nn.Module):
+class ProjectedRead(Projections):
     """The read a retrieval model blends with (and a warm start or the neighbourhood loss keeps): the normalized
-    `dw` features through projections per module type held as buffers, saved with the checkpoint and the exported
-    encoder. The fixed orthonormal ones of `dw` until `load` puts the training split's principal directions
-    (`principal_projections`: the `dw_fit` read) in their place."""
-
-    K = 48
-
-    def __init__(self, schema: TokenSchema):
-        super().__init__()
-        self.schema = schema
-        for i, g in enumerate(schema.groups):
-            for name, Q in zip(("Qu", "Qv"), fixed_projections(g, self.K, kind="orthonormal")):
-                self.register_buffer(f"{name}_{i}", Q.float())
-        self.register_buffer("fitted", torch.tensor(False))
-
-    def projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(getattr(self, f"Qu_{i}"), getattr(self, f"Qv_{i}")) for i in range(len(self.schema.groups))]
-
-    def load(self, projections: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for fitted, held in zip(projections, self.projections()):
-            for Q, buf in zip(fitted, held):
-                buf.copy_(Q)
-        self.fitted.fill_(True)
+    `dw` features through its projections (the `dw_fit` read once `load` has put the principal directions in)."""
 
     def forward(self, tokens) -> torch.Tensor:
         return F.normalize(delta_w_features(tokens, self.schema, projections=self.projections()), dim=-1)
