@@ -26,12 +26,13 @@ the rest is residual:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from w2t.canon.dora import MODULE_FEATURES
-from w2t.models.features import bilinear_readout, orthonormal, principal_projections
+from w2t.models.features import bilinear_readout, orthonormal
 from w2t.models.layers import SigmaFeatures, pool_modules
 from w2t.models.pretrained import Encoder
 from w2t.models.rank_tokens import RankAttention
@@ -90,11 +91,12 @@ class W2TEncoder(Encoder):
             self.modules_tf = None
 
     @torch.no_grad()
-    def fit_projections(self, tokens: Tokens) -> None:
-        """Start Pᵤ, Pᵥ as the principal directions of these (training) adapters' normalized updates."""
+    def fit_projections(self, principal: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Start Pᵤ, Pᵥ as the principal directions of the training adapters' normalized updates (`principal(k)`:
+        the datamodule's `principal_projections`)."""
         if not self.config.fit_projections:
             return
-        for i, (Qu, Qv) in enumerate(principal_projections(tokens, self.schema, self.config.sketch_dim)):
+        for i, (Qu, Qv) in enumerate(principal(self.config.sketch_dim)):
             self.P_u[i].copy_(Qu)
             self.P_v[i].copy_(Qv)
 

@@ -16,8 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
-from w2t.models.features import (delta_w_features, fixed_projections, principal_projections, sketch_features,
-                                 spectral_features)
+from w2t.models.features import delta_w_features, fixed_projections, sketch_features, spectral_features
 
 ESTIMATORS = ("linear", "knn")
 
@@ -275,7 +274,7 @@ class PredictionTask(Task):
         """Fit every read of `PRIOR_READS` on the training split, load the best on validation into the prior (and,
         for a `dw_fit` read, the principal directions into `prior_projections`)."""
         train, val = dm.whole_split("train"), dm.whole_split("val")
-        principal = principal_projections(train["tokens"], dm.schema, Projections.K)
+        principal = dm.principal_projections(Projections.K)
         X_train, X_val = (self.features(s["tokens"], dm.schema, 0, sketch=False, principal=principal)
                           for s in (train, val))
         reads = {name: self.fit_read(X_train[name].numpy(), train) for name in self.PRIOR_READS}
@@ -309,7 +308,7 @@ class PredictionTask(Task):
 
     def baseline_outputs(self, dm, seed, stages):
         train = dm.whole_split("train")
-        principal = principal_projections(train["tokens"], dm.schema, Projections.K)
+        principal = dm.principal_projections(Projections.K)
         X_train = self.features(train["tokens"], dm.schema, seed, principal=principal)
         X = {stage: self.features(dm.whole_split(stage)["tokens"], dm.schema, seed, principal=principal)
              for stage in stages}

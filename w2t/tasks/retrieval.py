@@ -13,8 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from w2t.data.tokens import TokenSchema
-from w2t.models.features import (delta_w_features, delta_w_gram, gram_embedding, principal_projections,
-                                 raw_features, sketch_features)
+from w2t.models.features import delta_w_features, delta_w_gram, gram_embedding, raw_features, sketch_features
 from w2t.tasks.base import Projections, Task, mlp, register
 
 
@@ -93,7 +92,7 @@ class Retrieval(Task):
     @torch.no_grad()
     def fit_prior(self, dm) -> str:
         """Put the training split's principal directions in the read (labels are not used)."""
-        self.prior.load(principal_projections(dm.whole_split("train")["tokens"], dm.schema, self.prior.K))
+        self.prior.load(dm.principal_projections(self.prior.K))
         return "dw_fit"
 
     def mix(self, out, read, lam):
@@ -136,7 +135,7 @@ class Retrieval(Task):
         out: dict[str, dict[str, torch.Tensor]] = {}
         train = dm.whole_split("train")["tokens"]
         white = whitening(delta_w_features(train, dm.schema, seed=seed))
-        principal = principal_projections(train, dm.schema, ProjectedRead.K)
+        principal = dm.principal_projections(ProjectedRead.K)
         raw_of: dict[int, torch.Tensor] = {}  # the gallery is in every stage's items: read each file once
         for stage in stages:
             split = dm.whole_split(stage)

@@ -102,7 +102,7 @@ class AdapterModel(L.LightningModule):
     def on_fit_start(self):
         fit = getattr(self.encoder, "fit_projections", None)
         if fit is not None and self.trainer.ckpt_path is None and self.new_encoder:
-            fit(self.trainer.datamodule.whole_split("train")["tokens"])  # a resumed or pretrained encoder keeps its own
+            fit(self.trainer.datamodule.principal_projections)  # a resumed or pretrained encoder keeps its own
         prior = getattr(self.task, "prior", None)
         if prior is not None and not bool(prior.fitted):  # a resumed run keeps the prior it started from
             log.info("prior (warm start, blend): the %s read fitted on the training split",
