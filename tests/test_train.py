@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from w2t.data.datamodule import AdapterDataModule
 from w2t.errors import CollectionError
 from w2t.tasks import TASKS
-from w2t.tasks.base import BLEND_GRID
+from w2t.tasks.base import BLEND_GRID, Projections
 from w2t.train.lightning_module import AdapterModel
 from w2t.train.run import evaluate, train
 
@@ -34,7 +34,8 @@ CONTRACT_KEYS = {
                        "test/baseline_dw/acc", "test/baseline_dw_fit/acc", "test/baseline_dw_fit+spectrum/acc",
                        "val/acc", "val/baseline_sketch/acc"],
     "performance": ["test/r2", "test/spearman", "test/kendall", "test/mae", "test/baseline_sketch/spearman",
-                    "test/baseline_dw/spearman", "test/baseline_dw_fit+spectrum/spearman", "val/spearman", "val/baseline_sketch/spearman"],
+                    "test/baseline_dw/spearman", "test/baseline_dw_fit+spectrum/spearman", "val/spearman",
+                    "val/baseline_sketch/spearman"],
     "retrieval": ["test/mrr", "test/hit@1", "test/hit@10", "test/ndcg@10", "test/map",
                   "test/baseline_raw/mrr", "test/baseline_sketch/mrr", "test/baseline_dw/mrr", "test/baseline_dw_white/mrr",
                   "test/baseline_dw_fit/mrr", "test/baseline_dw_exact/mrr",
@@ -151,7 +152,7 @@ def test_fit_and_test_each_experiment(experiment, tiny_collection, tmp_path):
     assert (out / "csv" / "metrics.csv").exists()
 
 
-def test_checkpoint_loads_weights_only_and_resumes(tiny_collection, tmp_path):
+def test_checkpoint_loads_weights_only_and_resumes(tiny_collection, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = make_cfg(["experiment=classification", *fast(tiny_collection, tmp_path, "trainer.max_epochs=2")], out)
     train(cfg)
@@ -160,6 +161,17 @@ def test_checkpoint_loads_weights_only_and_resumes(tiny_collection, tmp_path):
     assert ckpt["epoch"] == 1
     model = AdapterModel.load_from_checkpoint(last, weights_only=True)
     assert model.hparams.task == "classification"
+
+    # a checkpoint from before the fixed read kept its projections loads, reading through the fixed ones
+    old = {**ckpt, "state_dict": {k: v for k, v in ckpt["state_dict"].items() if "prior_projections" not in k}}
+    torch.save(old, tmp_path / "old.ckpt")
+    reloaded = AdapterModel.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    fixed = Projections(reloaded.task.schema).state_dict()
+    assert all(torch.equal(v, fixed[k]) for k, v in reloaded.task.prior_projections.state_dict().items())
+    monkeypatch.setattr(AdapterModel, "_fill_fixed_projections", lambda self, state: None)  # the broken variant
+    with pytest.raises(RuntimeError, match="prior_projections"):
+        AdapterModel.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    monkeypatch.undo()
 
     resumed = tmp_path / "resumed"
     cfg = make_cfg(["experiment=classification", *fast(tiny_collection, tmp_path, "trainer.max_epochs=4"),

@@ -238,8 +238,8 @@ class PredictionTask(Task):
     def features(tokens, schema, seed: int, sketch: bool = True,
                  principal: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """(B, F) features of every simple read, each computed once: `spectrum` is blind to the singular
-        vectors, `dw` reads ΔW/‖ΔW‖ (and log‖ΔW‖) through fixed projections, `dw_fit` through the training split's
-        `principal` directions (when given), `a+b` is both side by side."""
+        vectors, `dw` reads ΔW/‖ΔW‖ (and log‖ΔW‖) through fixed projections, `dw_fit` through the training
+        split's `principal` directions (when given), `a+b` is both side by side."""
         spectrum = spectral_features(tokens, schema)
         reads = {"dw": delta_w_features(tokens, schema, seed=seed, norms=True).double()}
         if principal is not None:

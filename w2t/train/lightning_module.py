@@ -21,6 +21,7 @@ from w2t.data.datamodule import DataInfo
 from w2t.models import build_encoder, load_pretrained
 from w2t.errors import W2TError
 from w2t.tasks import TASKS
+from w2t.tasks.base import Projections
 from w2t.data.tokens import TokenSchema
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class AdapterModel(L.LightningModule):
                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._fill_fixed_projections(checkpoint["state_dict"])
         if "rng" not in checkpoint:
             return
         rng = checkpoint["rng"]
@@ -181,6 +183,14 @@ class AdapterModel(L.LightningModule):
         random.setstate(rng["python"])
         kind, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+    def _fill_fixed_projections(self, state: dict) -> None:
+        """A checkpoint written before a task's fixed read kept its projections (`Projections` buffers) read ΔW
+        through the fixed ones, which a new `Projections` holds: put those in, so it loads and reads as trained."""
+        for prefix, module in self.named_modules():
+            if isinstance(module, Projections):
+                for name, value in module.state_dict().items():
+                    state.setdefault(f"{prefix}.{name}", value)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
