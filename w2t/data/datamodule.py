@@ -29,7 +29,6 @@ from w2t.data.splits import make_splits, write_manifest
 from w2t.data.tokens import TokenSchema, Tokens, collate_tokens, tokenize
 from w2t.io.adapter import Adapter
 from w2t.io.formats import load_adapter
-from w2t.models.features import principal_projections
 
 log = logging.getLogger(__name__)
 
@@ -270,14 +269,6 @@ class AdapterDataModule(L.LightningDataModule):
             rows = np.flatnonzero(in_split | in_gallery)
         flags = {"in_split": in_split[rows], "in_gallery": in_gallery[rows], "is_query": is_query[rows]}
         return TokenDataset(self, rows, flags)
-
-    def principal_projections(self, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`features.principal_projections` of the training split, computed once per k: the encoder's start, the
-        tasks' fixed reads and their baselines all see ΔW through them (on minilm_text, seconds each time)."""
-        cached = self.__dict__.setdefault("_principal", {})
-        if k not in cached:
-            cached[k] = principal_projections(self.whole_split("train")["tokens"], self.schema, k)
-        return cached[k]
 
     def whole_split(self, split: str) -> dict:
         """Every item of a split (with its gallery, as evaluated) collated into one batch."""

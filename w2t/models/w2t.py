@@ -93,7 +93,7 @@ class W2TEncoder(Encoder):
     @torch.no_grad()
     def fit_projections(self, principal: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Start Pᵤ, Pᵥ as the principal directions of the training adapters' normalized updates (`principal(k)`:
-        the datamodule's `principal_projections`)."""
+        `tasks.base.training_principal_projections` of the run's datamodule)."""
         if not self.config.fit_projections:
             return
         for i, (Qu, Qv) in enumerate(principal(self.config.sketch_dim)):

@@ -6,6 +6,7 @@ config in `configs/task/`.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +17,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from w2t.data.tokens import TokenSchema, collate_tokens, tokenize
-from w2t.models.features import delta_w_features, fixed_projections, sketch_features, spectral_features
+from w2t.models.features import (delta_w_features, fixed_projections, principal_projections, sketch_features,
+                                 spectral_features)
 
 ESTIMATORS = ("linear", "knn")
 
@@ -33,6 +35,19 @@ def mlp(d_in: int, d_out: int, hidden: int, dropout: float, zero_out: bool = Fal
         nn.init.zeros_(head[-1].weight)
         nn.init.zeros_(head[-1].bias)
     return head
+
+
+_PRINCIPAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # datamodule -> {k: projections}
+
+
+def training_principal_projections(dm, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`principal_projections` of the datamodule's training split, computed once per datamodule and k: the
+    encoder's start, the tasks' fixed reads and their baselines all see ΔW through them (seconds each time on
+    minilm_text's 1536×384 modules)."""
+    by_k = _PRINCIPAL.setdefault(dm, {})
+    if k not in by_k:
+        by_k[k] = principal_projections(dm.whole_split("train")["tokens"], dm.schema, k)
+    return by_k[k]
 
 
 class Projections(nn.Module):
@@ -274,7 +289,7 @@ class PredictionTask(Task):
         """Fit every read of `PRIOR_READS` on the training split, load the best on validation into the prior (and,
         for a `dw_fit` read, the principal directions into `prior_projections`)."""
         train, val = dm.whole_split("train"), dm.whole_split("val")
-        principal = dm.principal_projections(Projections.K)
+        principal = training_principal_projections(dm, Projections.K)
         X_train, X_val = (self.features(s["tokens"], dm.schema, 0, sketch=False, principal=principal)
                           for s in (train, val))
         reads = {name: self.fit_read(X_train[name].numpy(), train) for name in self.PRIOR_READS}
@@ -308,7 +323,7 @@ class PredictionTask(Task):
 
     def baseline_outputs(self, dm, seed, stages):
         train = dm.whole_split("train")
-        principal = dm.principal_projections(Projections.K)
+        principal = training_principal_projections(dm, Projections.K)
         X_train = self.features(train["tokens"], dm.schema, seed, principal=principal)
         X = {stage: self.features(dm.whole_split(stage)["tokens"], dm.schema, seed, principal=principal)
              for stage in stages}

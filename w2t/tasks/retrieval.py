@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from w2t.data.tokens import TokenSchema
 from w2t.models.features import delta_w_features, delta_w_gram, gram_embedding, raw_features, sketch_features
-from w2t.tasks.base import Projections, Task, mlp, register
+from w2t.tasks.base import Projections, Task, mlp, register, training_principal_projections
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Retrieval(Task):
     @torch.no_grad()
     def fit_prior(self, dm) -> str:
         """Put the training split's principal directions in the read (labels are not used)."""
-        self.prior.load(dm.principal_projections(self.prior.K))
+        self.prior.load(training_principal_projections(dm, self.prior.K))
         return "dw_fit"
 
     def mix(self, out, read, lam):
@@ -135,7 +135,7 @@ class Retrieval(Task):
         out: dict[str, dict[str, torch.Tensor]] = {}
         train = dm.whole_split("train")["tokens"]
         white = whitening(delta_w_features(train, dm.schema, seed=seed))
-        principal = dm.principal_projections(ProjectedRead.K)
+        principal = training_principal_projections(dm, ProjectedRead.K)
         raw_of: dict[int, torch.Tensor] = {}  # the gallery is in every stage's items: read each file once
         for stage in stages:
             split = dm.whole_split(stage)

@@ -10,6 +10,7 @@ import logging
 import math
 import random
 from dataclasses import asdict
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -21,7 +22,7 @@ from w2t.data.datamodule import DataInfo
 from w2t.models import build_encoder, load_pretrained
 from w2t.errors import W2TError
 from w2t.tasks import TASKS
-from w2t.tasks.base import Projections
+from w2t.tasks.base import Projections, training_principal_projections
 from w2t.data.tokens import TokenSchema
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class AdapterModel(L.LightningModule):
     def on_fit_start(self):
         fit = getattr(self.encoder, "fit_projections", None)
         if fit is not None and self.trainer.ckpt_path is None and self.new_encoder:
-            fit(self.trainer.datamodule.principal_projections)  # a resumed or pretrained encoder keeps its own
+            # a resumed or pretrained encoder keeps its own
+            fit(partial(training_principal_projections, self.trainer.datamodule))
         prior = getattr(self.task, "prior", None)
         if prior is not None and not bool(prior.fitted):  # a resumed run keeps the prior it started from
             log.info("prior (warm start, blend): the %s read fitted on the training split",
