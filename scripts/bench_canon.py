@@ -279,7 +279,7 @@ def report(threads, times, cpu_times, machine, floor_steps, runs, size, load, ar
               f"{r['ratio_vs_read']:7.3f} {r['time_over_floor']:8.2f} {1e3 * r['cpu_seconds_per_adapter']:8.1f} "
               f"{r['cpu_ratio_vs_read']:10.3f} {r['cpu_time_over_floor']:11.2f}")
     real = seconds[REAL] / floor
-    print(f"floor steps (mean ms/adapter): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in steps.items()))
+    print("floor steps (mean ms/adapter): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in steps.items()))
     print(f"read + canonicalize / floor: {real:.2f} (wall), {cpu_seconds[REAL] / cpu_floor:.2f} (cpu); "
           f"target ≤ 2: {'met' if real <= 2 else 'NOT met'}")
     print(f"machine (mean of before/after the timed runs): copy {mach['copy_GB_per_s']:.1f} GB/s (read+write), "

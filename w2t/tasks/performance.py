@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import spearmanr
 from sklearn.linear_model import RidgeCV
 from sklearn.neighbors import KNeighborsRegressor

@@ -9,7 +9,6 @@ the LoRA update is trained, so the update itself must encode both S and T: the m
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
